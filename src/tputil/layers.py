@@ -1,0 +1,136 @@
+"""Column- and row-parallel linear layers.
+
+Derived in chapter 3; chapters 4 and 5 build the parallel MLP and attention from them. After
+Megatron-LM's `mpu/layers.py`: the full (master) weight is built, then sliced, so that every rank
+matches the dense layer; communication goes through the f/g pairs of `comm`, so the same layer
+runs on `run_threads`, on real processes, and (world_size 1) on one device.
+
+A note on transposes: the layers compute Y = XA + b, but `F.linear(x, W, b)` computes X W^T + b,
+with W = A^T of shape (out_features, in_features). So "A split by columns" splits W's dim 0, and
+"A split by rows" splits W's dim 1.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from .comm import (copy_to_parallel_region, gather_from_parallel_region, reduce_from_parallel_region,
+                   scatter_to_parallel_region)
+from .shard import divide, gather_tensors, shard_tensor
+
+
+def _master_weight(out_features, in_features, bias, device, dtype, generator):
+    """nn.Linear's initialization, U(-1/sqrt(in), 1/sqrt(in)) for weight and bias, drawn in full."""
+    bound = 1.0 / math.sqrt(in_features)
+    w = torch.empty(out_features, in_features, device=device, dtype=dtype).uniform_(-bound, bound, generator=generator)
+    b = torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound, generator=generator) if bias else None
+    return w, b
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = XA + b, A split by columns: A = [A_1, ..., A_p], b = [b_1, ..., b_p].
+
+    Rank r holds A_r (weight (out_features/p, in_features)) and computes Y_r = X A_r + b_r, its
+    out_features/p output features: no communication in forward (X is replicated); backward
+    all-reduces dL/dX, because each rank holds only its part of it. With gather_output the
+    ranks' Y_r are all-gathered into the full Y. `stride` s: A's columns form s equal sections
+    (q, k, v for attention's fused c_attn) and rank r holds its chunk of each.
+
+    forward: copy_to_parallel_region (f) -> X A_r + b_r -> (gather_from_parallel_region).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, group, bias: bool = True,
+                 gather_output: bool = False, stride: int = 1, device=None, dtype=None, generator=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group = group
+        self.gather_output = gather_output
+        self.stride = stride
+        p = group.world_size
+        if stride < 1 or out_features % stride != 0:
+            raise ValueError(f"out_features={out_features} is not divisible by stride={stride}")
+        self.out_features_per_rank = divide(out_features // stride, p, "out_features / stride") * stride
+        w, b = _master_weight(out_features, in_features, bias, device, dtype, generator)
+        self.weight = nn.Parameter(shard_tensor(w, group.rank, p, 0, stride))  # (out/p, in)
+        self.bias = nn.Parameter(shard_tensor(b, group.rank, p, 0, stride)) if bias else None  # (out/p,)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, *, group, gather_output: bool = False, stride: int = 1):
+        """This rank's slice of a dense nn.Linear (same dtype and device; the global RNG is not used)."""
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, group=group, bias=linear.bias is not None,
+                    gather_output=gather_output, stride=stride, device=w.device, dtype=w.dtype,
+                    generator=torch.Generator(w.device))  # a throwaway generator: the global one is untouched
+        with torch.no_grad():
+            layer.weight.copy_(shard_tensor(w, group.rank, group.world_size, 0, stride))
+            if layer.bias is not None:
+                layer.bias.copy_(shard_tensor(linear.bias, group.rank, group.world_size, 0, stride))
+        return layer
+
+    def forward(self, x):
+        x = copy_to_parallel_region(x, self.group)  # (..., in) replicated; f: all-reduce of grads in backward
+        y = F.linear(x, self.weight, self.bias)  # (..., out/p) sharded on the last dim
+        if self.gather_output:
+            y = gather_from_parallel_region(y, self.group)  # (..., out) in rank order
+            if self.stride > 1:  # rank order is [q_1 k_1 v_1 q_2 ...]; restore the dense [q k v]
+                y = gather_tensors(y.chunk(self.group.world_size, dim=-1), dim=-1, stride=self.stride)
+        return y
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features} "
+                f"({self.out_features_per_rank} on rank {self.group.rank} of {self.group.world_size}), "
+                f"bias={self.bias is not None}, gather_output={self.gather_output}, stride={self.stride}")
+
+
+class RowParallelLinear(nn.Module):
+    """Y = XA + b, A split by rows and X by columns: A = [A_1; ...; A_p], X = [X_1, ..., X_p].
+
+    Rank r holds A_r (weight (out_features, in_features/p)) and computes the partial product
+    X_r A_r; Y = sum_r X_r A_r + b is one all-reduce. b is replicated and added once, after the
+    reduce (adding it on every rank before would add it p times). With input_is_parallel=False
+    the layer takes the full X and keeps its own X_r first.
+
+    forward: (scatter_to_parallel_region) -> X_r A_r -> reduce_from_parallel_region (g) -> + b.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, group, bias: bool = True,
+                 input_is_parallel: bool = True, device=None, dtype=None, generator=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group = group
+        self.input_is_parallel = input_is_parallel
+        self.in_features_per_rank = divide(in_features, group.world_size, "in_features")
+        w, b = _master_weight(out_features, in_features, bias, device, dtype, generator)
+        self.weight = nn.Parameter(shard_tensor(w, group.rank, group.world_size, 1))  # (out, in/p)
+        self.bias = nn.Parameter(b) if bias else None  # (out,) replicated
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, *, group, input_is_parallel: bool = True):
+        """This rank's slice of a dense nn.Linear (same dtype and device; the global RNG is not used)."""
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, group=group, bias=linear.bias is not None,
+                    input_is_parallel=input_is_parallel, device=w.device, dtype=w.dtype,
+                    generator=torch.Generator(w.device))  # a throwaway generator: the global one is untouched
+        with torch.no_grad():
+            layer.weight.copy_(shard_tensor(w, group.rank, group.world_size, 1))
+            if layer.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def forward(self, x):
+        if not self.input_is_parallel:
+            x = scatter_to_parallel_region(x, self.group)  # (..., in/p) this rank's columns of X
+        y = F.linear(x, self.weight)  # (..., out) a partial sum: this rank's X_r A_r
+        y = reduce_from_parallel_region(y, self.group)  # (..., out) replicated; g: the one all-reduce
+        if self.bias is not None:
+            y = y + self.bias  # once, after the reduce
+        return y
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features} ({self.in_features_per_rank} on rank {self.group.rank} "
+                f"of {self.group.world_size}), out_features={self.out_features}, bias={self.bias is not None}, "
+                f"input_is_parallel={self.input_is_parallel}")

@@ -1,0 +1,228 @@
+"""The dense GPT: the reference every tensor-parallel version is checked against.
+
+Used from chapter 6 (the whole GPT) on; chapters 4 and 5 take its `MLP` and `CausalSelfAttention`
+apart. Our own code with nanoGPT's architecture and module names (`wte, wpe, h, ln_1, attn.c_attn,
+attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, ln_f, lm_head`), so the dense and the parallel model line
+up name by name. Built bottom-up: LayerNorm -> attention -> MLP -> Block -> GPTConfig -> GPT.
+
+Two differences from nanoGPT, both for the course's equality checks: `forward` always returns the
+logits of every position, and `generate` decodes greedily (argmax) unless asked to sample.
+
+Shape glossary: B batch, T time (sequence length), C channels (n_embd), nh heads, hs head size
+(C // nh), V vocab_size.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (GPT-2 has one; bias=False is a little faster and as good)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+def causal_attention(q, k, v, *, dropout_p: float = 0.0):
+    """softmax(q k^T / sqrt(hs), each position masked to itself and the past) v, per head.
+
+    q, k, v: (B, nh, T, hs) -> (B, nh, T, hs). Written out (no fused kernel) so that it reads like
+    the formula and runs in any dtype, float64 included. Heads never mix here: this is why
+    attention can be split by heads (chapter 5). The tensor-parallel attention calls it too.
+    """
+    T = q.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T) True on and below the diagonal
+    att = att.masked_fill(~mask, float("-inf"))
+    att = F.softmax(att, dim=-1)
+    if dropout_p > 0.0:
+        att = F.dropout(att, p=dropout_p)
+    return att @ v  # (B, nh, T, hs)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        # q, k and v of all heads in one matmul, stacked in that order along the output features
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        B, T, C = x.size()  # (B, T, C)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C) the heads side by side again
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = self.c_fc(x)  # (B, T, 4C)
+        x = self.gelu(x)  # (B, T, 4C)
+        x = self.c_proj(x)  # (B, T, C)
+        return self.dropout(x)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        return x
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 64  # the longest context; short enough that attention's T x T is cheap on a CPU
+    vocab_size: int = 256  # one token per byte: any text, no tokenizer; divisible by every p up to 256
+    n_layer: int = 4  # enough layers that "2 all-reduces per layer" is a count, not a coincidence
+    n_head: int = 4  # the tensor-parallel degree p must divide it (heads are split between ranks)
+    n_embd: int = 64  # C; n_head * head size, so 16 channels per head by default
+    dropout: float = 0.0  # off: equality checks need determinism (chapter 12 turns it on)
+    bias: bool = True  # biases in Linears and LayerNorms, like GPT-2 (and they test the "add once" rule)
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{name}={value!r}: it must be a positive integer")
+        if self.n_embd % self.n_head != 0:
+            fits = [self.n_head * (self.n_embd // self.n_head), self.n_head * (self.n_embd // self.n_head + 1)]
+            fits = [c for c in fits if c > 0]
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: every head gets "
+                f"n_embd // n_head channels; choose n_embd as a multiple of n_head (e.g. {fits}) "
+                f"or n_head dividing n_embd")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout={self.dropout!r}: it must be in [0, 1)")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head  # hs
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the head reads the token embedding matrix (one tensor, two names)
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch's output projection gets std 0.02 / sqrt(2 n_layer)
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters, counting the tied wte/lm_head once; by default without the position embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None):
+        """idx, targets: (B, T) token ids -> (logits (B, T, V), mean cross-entropy or None)."""
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"cannot forward a sequence of length {T}: block_size is only "
+                             f"{self.config.block_size}; crop the input or raise block_size")
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)  # (B, T, C)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None if targets is None else cross_entropy(logits, targets)
+        return logits, loss
+
+    def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None):
+        """Extend idx (B, T) by max_new_tokens tokens; see `generate` below."""
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                        greedy=greedy, generator=generator)
+
+
+def cross_entropy(logits, targets):
+    """Mean cross-entropy of logits (B, T, V) against targets (B, T); targets of -1 are ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None):
+    """Append max_new_tokens tokens to idx (B, T), feeding each prediction back in; return (B, T + new).
+
+    `model(idx)` must return (logits, loss) and `model.config.block_size` bound the context (the
+    dense GPT and the tensor-parallel one both do). greedy=True takes the argmax: deterministic,
+    so two models that agree on the logits generate identical tokens. greedy=False samples from
+    softmax(logits / temperature), optionally restricted to the top_k tokens, with `generator`.
+    No KV cache: the whole (cropped) context is recomputed for every token. Call model.eval()
+    first if the model has dropout.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}: it must be > 0 (use greedy=True for argmax)")
+    block_size = model.config.block_size
+    for _ in range(max_new_tokens):
+        idx_cond = idx if idx.size(1) <= block_size else idx[:, -block_size:]  # (B, <= block_size)
+        logits, _ = model(idx_cond)
+        logits = logits[:, -1, :]  # (B, V) the prediction for the next position
+        if greedy:
+            idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+            probs = F.softmax(logits, dim=-1)  # (B, V)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx

@@ -1,0 +1,204 @@
+"""Splitting dense tensors into per-rank shards and gathering them back, by a plan.
+
+Derived in chapter 3 (`divide`, `shard_tensor`, `gather_tensors`), chapter 5 (the `stride` for
+nanoGPT's fused q/k/v weight) and chapter 6 (the plan over the whole GPT's state dict).
+
+A shard of a tensor along `dim` is one of p equal contiguous chunks; with `stride` s the dim is
+first cut into s equal sections (q, k and v for `c_attn`) and rank r takes chunk r of each
+section. Gathering is the exact inverse: `gather_tensors(shards) == t`, bit for bit.
+"""
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def divide(n: int, p: int, what: str = "n") -> int:
+    """n // p, or a ValueError naming the numbers and the degrees that would work."""
+    if not isinstance(p, int) or p < 1:
+        raise ValueError(f"p={p!r}: the parallel degree must be a positive integer")
+    if n % p != 0:
+        raise ValueError(f"{what}={n} is not divisible by p={p}; p must divide {what}: "
+                         f"try one of {divisors(n)}")
+    return n // p
+
+
+def shard_tensor(t: torch.Tensor, rank: int, world_size: int, dim: int, stride: int = 1) -> torch.Tensor:
+    """Rank `rank`'s shard of t along dim (a new tensor): chunk `rank` of each of `stride` sections.
+
+    stride=1: t.chunk(world_size, dim)[rank]. stride=3 on c_attn's weight (3C, C), dim 0: rank r
+    gets rows [q_r; k_r; v_r], the q, k and v of its heads, shape (3C/p, C).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is not in range(world_size={world_size})")
+    dim = dim % t.dim()
+    size = t.size(dim)
+    if stride < 1 or size % (stride * world_size) != 0:
+        raise ValueError(f"cannot shard dim {dim} (size {size}) of a tensor of shape {tuple(t.shape)} into "
+                         f"p={world_size} shards with stride {stride}: {size} is not divisible by "
+                         f"stride * p = {stride * world_size}")
+    sections = t.split(size // stride, dim=dim)  # e.g. (q, k, v)
+    return torch.cat([s.split(size // (stride * world_size), dim=dim)[rank] for s in sections], dim=dim)
+
+
+def gather_tensors(shards, dim: int, stride: int = 1) -> torch.Tensor:
+    """The inverse of shard_tensor: shards (in rank order) -> the dense tensor. Differentiable."""
+    shards = list(shards)
+    if not shards:
+        raise ValueError("gather_tensors: no shards given")
+    shape, dtype = shards[0].shape, shards[0].dtype
+    for r, s in enumerate(shards):
+        if s.shape != shape or s.dtype != dtype:
+            raise ValueError(f"gather_tensors: shard {r} has shape {tuple(s.shape)} and dtype {s.dtype}, "
+                             f"shard 0 has {tuple(shape)} and {dtype}; all shards must agree")
+    dim = dim % len(shape)
+    if stride < 1 or shape[dim] % stride != 0:
+        raise ValueError(f"gather_tensors: dim {dim} of the shards (size {shape[dim]}) is not divisible by "
+                         f"stride={stride}")
+    pieces = [s.split(shape[dim] // stride, dim=dim) for s in shards]  # pieces[rank][section]
+    return torch.cat([pieces[r][i] for i in range(stride) for r in range(len(shards))], dim=dim)
+
+
+# ---------------------------------------------------------------------------- the plan, as data
+
+@dataclass(frozen=True)
+class Shard:
+    """Split along `dim`, with `stride` sections (see shard_tensor)."""
+    dim: int
+    stride: int = 1
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """Every rank holds the whole tensor."""
+
+
+# Parameter-name pattern (fnmatch: `*` matches a layer index) -> placement; the first match wins,
+# and a parameter that matches nothing is an error. Comments name the communication each causes.
+GPT_TP_PLAN = {
+    "transformer.wte.weight": Replicate(),  # the whole vocabulary on every rank (chapter 10 shards it)
+    "transformer.wpe.weight": Replicate(),
+    "transformer.h.*.ln_[12].weight": Replicate(),  # every rank normalizes the full (B, T, C)
+    "transformer.h.*.ln_[12].bias": Replicate(),
+    "transformer.h.*.attn.c_attn.weight": Shard(0, stride=3),  # column-parallel: each rank its heads' q, k, v
+    "transformer.h.*.attn.c_attn.bias": Shard(0, stride=3),
+    "transformer.h.*.attn.c_proj.weight": Shard(1),  # row-parallel: its heads' features in; one all-reduce
+    "transformer.h.*.attn.c_proj.bias": Replicate(),  # added once, after the all-reduce
+    "transformer.h.*.mlp.c_fc.weight": Shard(0),  # column-parallel: 4C/p hidden features per rank
+    "transformer.h.*.mlp.c_fc.bias": Shard(0),
+    "transformer.h.*.mlp.c_proj.weight": Shard(1),  # row-parallel: one all-reduce
+    "transformer.h.*.mlp.c_proj.bias": Replicate(),  # added once, after the all-reduce
+    "transformer.ln_f.weight": Replicate(),
+    "transformer.ln_f.bias": Replicate(),
+    "lm_head.weight": Replicate(),  # tied to wte
+}
+
+
+def placement(name: str, plan: dict = GPT_TP_PLAN):
+    """The plan's entry for parameter `name` (the first matching pattern)."""
+    for pattern, where in plan.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return where
+    raise KeyError(f"no entry in the plan matches parameter {name!r}; add a pattern for it")
+
+
+def valid_degrees(config, max_p: int | None = None) -> list[int]:
+    """The tensor-parallel degrees p this GPT config allows: the divisors of n_head (heads are split)."""
+    return [p for p in divisors(config.n_head) if max_p is None or p <= max_p]
+
+
+def _check_degree(config, world_size):
+    divide(config.n_head, world_size, "n_head")
+
+
+def shard_state_dict(state_dict: dict, config, rank: int, world_size: int, *, plan: dict = GPT_TP_PLAN) -> dict:
+    """Rank `rank`'s state dict: each tensor sharded or copied by the plan (same keys, new tensors)."""
+    _check_degree(config, world_size)
+    out = {}
+    for name, t in state_dict.items():
+        where = placement(name, plan)
+        t = t.detach()
+        out[name] = t.clone() if isinstance(where, Replicate) else shard_tensor(t, rank, world_size, where.dim, where.stride)
+    return out
+
+
+def dense_shapes(config) -> dict:
+    """The dense GPT's state-dict shapes, in state-dict order, computed from the config alone."""
+    C, V, bias = config.n_embd, config.vocab_size, config.bias
+    shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (config.block_size, C)}
+    for i in range(config.n_layer):
+        for name, (n_out, n_in) in (("ln_1", (C, None)), ("attn.c_attn", (3 * C, C)), ("attn.c_proj", (C, C)),
+                                    ("ln_2", (C, None)), ("mlp.c_fc", (4 * C, C)), ("mlp.c_proj", (C, 4 * C))):
+            shapes[f"transformer.h.{i}.{name}.weight"] = (n_out,) if n_in is None else (n_out, n_in)
+            if bias:
+                shapes[f"transformer.h.{i}.{name}.bias"] = (n_out,)
+    shapes["transformer.ln_f.weight"] = (C,)
+    if bias:
+        shapes["transformer.ln_f.bias"] = (C,)
+    shapes["lm_head.weight"] = (V, C)  # the same tensor as wte's
+    return {name: torch.Size(shape) for name, shape in shapes.items()}
+
+
+def shard_shapes(config, world_size: int, *, plan: dict = GPT_TP_PLAN) -> dict:
+    """The shape every rank's shard of each parameter must have at degree world_size."""
+    _check_degree(config, world_size)
+    shapes = {}
+    for name, shape in dense_shapes(config).items():
+        where = placement(name, plan)
+        shape = list(shape)
+        if isinstance(where, Shard):
+            shape[where.dim] //= world_size
+        shapes[name] = torch.Size(shape)
+    return shapes
+
+
+def check_shard_state_dict(state_dict: dict, config, world_size: int, *, rank=None, plan: dict = GPT_TP_PLAN):
+    """Raise a ValueError naming the parameter, expected and actual shape, if a shard does not fit."""
+    who = "" if rank is None else f"rank {rank}: "
+    expected = shard_shapes(config, world_size, plan=plan)
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{who}shard state dict does not match the GPT: missing {missing}, unexpected {unexpected}")
+    for name, shape in expected.items():
+        actual = state_dict[name].shape
+        if actual != shape:
+            raise ValueError(f"{who}{name}: expected shape {tuple(shape)} for a shard at p={world_size}, "
+                             f"got {tuple(actual)} (was it sharded for another p, or another config?)")
+
+
+def gather_state_dict(shards: list, config, *, plan: dict = GPT_TP_PLAN, check_replicas: bool = True) -> dict:
+    """The dense state dict from every rank's shard (in rank order): the inverse of shard_state_dict.
+
+    p is len(shards). Shapes are checked first; with check_replicas, replicated tensors must be
+    equal on every rank (they should be: a difference means the ranks drifted apart).
+    """
+    shards = list(shards)
+    if not shards:
+        raise ValueError("gather_state_dict: no shards given")
+    p = len(shards)
+    try:
+        _check_degree(config, p)
+    except ValueError as exc:
+        raise ValueError(f"gather_state_dict got {p} shards: {exc}") from None
+    for r, sd in enumerate(shards):
+        check_shard_state_dict(sd, config, p, rank=r, plan=plan)
+    out = {}
+    for name in shards[0]:
+        where = placement(name, plan)
+        tensors = [sd[name].detach() for sd in shards]
+        if isinstance(where, Shard):
+            out[name] = gather_tensors(tensors, where.dim, where.stride)
+            continue
+        if check_replicas:
+            for r, t in enumerate(tensors[1:], start=1):
+                if not torch.equal(t, tensors[0]):
+                    raise ValueError(f"replicated parameter {name} differs between rank 0 and rank {r} "
+                                     f"(max abs difference {(t - tensors[0]).abs().max().item():.3g})")
+        out[name] = tensors[0].clone()
+    return out

@@ -1,0 +1,46 @@
+"""Shared pieces of the package tests: small configs, a randomized dense model, tolerances.
+
+Tolerance. A tensor-parallel layer computes the same sums as the dense one in a different order
+(p partial sums, then an all-reduce), and floating-point addition is not associative, so float32
+results differ from the dense ones in the last bits: about 1e-7 relative per addition, growing
+slowly with depth. FLOAT32 allows 1e-5, far above that noise and far below any real bug (a
+missing head, a bias added p times, a wrong stride move outputs by 1e-2 or more). Where an
+exact-ish check is wanted we use float64 (noise about 1e-16) with FLOAT64.
+"""
+
+import torch
+from hypothesis import settings
+
+from tputil.model import GPT, GPTConfig
+
+FLOAT32 = dict(rtol=1e-5, atol=1e-5)
+FLOAT64 = dict(rtol=1e-12, atol=1e-12)
+
+# One intra-op thread per test process: pytest-xdist runs two workers on this 2-core machine, and
+# two teams of OpenMP threads spinning against each other make tiny ops a hundred times slower.
+torch.set_num_threads(1)
+
+# Small, fast, and with n_head = 12 every p in {1, 2, 3, 4} divides the heads.
+SMALL = dict(block_size=32, vocab_size=64, n_layer=4, n_head=12, n_embd=48)
+DEGREES = (1, 2, 3, 4)
+
+# Property tests: few small examples each, no deadline (threads start slowly on a busy CI machine).
+PROPERTY = settings(max_examples=20, deadline=None, database=None)
+
+
+def make_gpt(seed=0, dtype=torch.float32, **overrides):
+    """A dense GPT whose every parameter is random, biases and layer norms included.
+
+    GPT-2's initialization zeroes the biases and sets the layer norms to 1, so a test at init
+    could not see a bias added twice or a norm weight sliced wrongly; we perturb them all.
+    """
+    config = GPTConfig(**{**SMALL, **overrides})
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+            elif ".ln_" in name:
+                p.normal_(1.0, 0.1)
+    return model.to(dtype).eval()
