@@ -1,6 +1,8 @@
-"""Column- and row-parallel linear layers.
+"""Column- and row-parallel linear layers, and the vocabulary-parallel embedding.
 
-Derived in chapter 3; chapters 4 and 5 build the parallel MLP and attention from them. After
+The linear layers are derived in chapter 3; chapters 4 and 5 build the parallel MLP and attention
+from them. `VocabParallelEmbedding` is derived in chapter 10 (its tied partner, the head, is a
+`ColumnParallelLinear` over the padded vocabulary). After
 Megatron-LM's `mpu/layers.py`: the full (master) weight is built, then sliced, so that every rank
 matches the dense layer; communication goes through the f/g pairs of `comm`, so the same layer
 runs on `run_threads`, on real processes, and (world_size 1) on one device.
@@ -18,7 +20,7 @@ from torch.nn import functional as F
 
 from .comm import (copy_to_parallel_region, gather_from_parallel_region, reduce_from_parallel_region,
                    scatter_to_parallel_region)
-from .shard import divide, gather_tensors, shard_tensor
+from .shard import divide, gather_tensors, pad_vocab_size, shard_tensor, vocab_range
 
 
 def _master_weight(out_features, in_features, bias, device, dtype, generator):
@@ -134,3 +136,63 @@ class RowParallelLinear(nn.Module):
         return (f"in_features={self.in_features} ({self.in_features_per_rank} on rank {self.group.rank} "
                 f"of {self.group.world_size}), out_features={self.out_features}, bias={self.bias is not None}, "
                 f"input_is_parallel={self.input_is_parallel}")
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Y = E[ids], the table split by rows (the vocabulary): E = [E_1; ...; E_p].
+
+    The vocabulary of V ids is padded with zero rows to V_pad, a multiple of p (`shard.pad_vocab_size`;
+    the padded ids never occur). Rank r holds the rows of ids [start, end) = [r V_pad/p, (r+1) V_pad/p),
+    weight (V_pad/p, C). Each id is looked up on the one rank that owns it; on every other rank it
+    gives a row of zeros (mask the foreign ids, clamp their local index to 0 so the lookup is legal,
+    zero their rows), so the sum over ranks holds exactly the right row: one all-reduce of B*T*C
+    numbers. Backward: identity through the all-reduce (g), then each rank adds dL/dY into its
+    own ids' rows only (the zeroed rows pass no gradient).
+
+    forward: mask -> local lookup -> zero foreign rows -> reduce_from_parallel_region (g).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, group, padded_vocab_size: int | None = None,
+                 device=None, dtype=None, generator=None):
+        super().__init__()
+        p = group.world_size
+        if padded_vocab_size is None:
+            padded_vocab_size = pad_vocab_size(num_embeddings, p)
+        if padded_vocab_size < num_embeddings:
+            raise ValueError(f"padded_vocab_size={padded_vocab_size} is smaller than the vocabulary "
+                             f"num_embeddings={num_embeddings}; use shard.pad_vocab_size({num_embeddings}, {p})")
+        self.num_embeddings = num_embeddings  # V, the real ids 0 .. V-1
+        self.padded_vocab_size = padded_vocab_size  # V_pad, divisible by p
+        self.embedding_dim = embedding_dim
+        self.group = group
+        self.vocab_start, self.vocab_end = vocab_range(padded_vocab_size, group.rank, p)
+        # nn.Embedding's initialization N(0, 1), drawn in full; the padding rows are zero
+        w = torch.empty(padded_vocab_size, embedding_dim, device=device, dtype=dtype).normal_(generator=generator)
+        w[num_embeddings:] = 0
+        self.weight = nn.Parameter(shard_tensor(w, group.rank, p, 0))  # (V_pad/p, C)
+
+    @classmethod
+    def from_dense(cls, embedding: nn.Embedding, *, group, padded_vocab_size: int | None = None):
+        """This rank's rows of a dense nn.Embedding, padded (same dtype and device; the global RNG is not used)."""
+        w = embedding.weight
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, group=group, padded_vocab_size=padded_vocab_size,
+                    device=w.device, dtype=w.dtype, generator=torch.Generator(w.device))
+        with torch.no_grad():
+            layer.weight.zero_()
+            rows = w[layer.vocab_start:min(layer.vocab_end, layer.num_embeddings)]  # may be empty: all padding
+            layer.weight[:rows.size(0)].copy_(rows)
+        return layer
+
+    def forward(self, ids):
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.num_embeddings):  # as nn.Embedding would refuse
+            raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got ids in "
+                             f"[{ids.min().item()}, {ids.max().item()}]")
+        foreign = (ids < self.vocab_start) | (ids >= self.vocab_end)  # (B, T) ids another rank owns
+        local = (ids - self.vocab_start).masked_fill(foreign, 0)  # (B, T) in [0, V_pad/p)
+        y = F.embedding(local, self.weight)  # (B, T, C) right rows for our ids, row 0 for the others
+        y = y.masked_fill(foreign.unsqueeze(-1), 0.0)  # (B, T, C) zeros where another rank owns the id
+        return reduce_from_parallel_region(y, self.group)  # (B, T, C) replicated; g: one all-reduce
+
+    def extra_repr(self):
+        return (f"{self.num_embeddings}, {self.embedding_dim}, padded_vocab_size={self.padded_vocab_size} "
+                f"(ids [{self.vocab_start}, {self.vocab_end}) on rank {self.group.rank} of {self.group.world_size})")

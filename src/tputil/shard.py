@@ -1,7 +1,8 @@
 """Splitting dense tensors into per-rank shards and gathering them back, by a plan.
 
 Derived in chapter 3 (`divide`, `shard_tensor`, `gather_tensors`), chapter 5 (the `stride` for
-nanoGPT's fused q/k/v weight) and chapter 6 (the plan over the whole GPT's state dict).
+nanoGPT's fused q/k/v weight), chapter 6 (the plan over the whole GPT's state dict) and chapter 10
+(`pad_vocab_size`, `vocab_range` and the `VocabShard` placement of `GPT_VOCAB_TP_PLAN`).
 
 A shard of a tensor along `dim` is one of p equal contiguous chunks; with `stride` s the dim is
 first cut into s equal sections (q, k and v for `c_attn`) and rank r takes chunk r of each
@@ -26,6 +27,31 @@ def divide(n: int, p: int, what: str = "n") -> int:
         raise ValueError(f"{what}={n} is not divisible by p={p}; p must divide {what}: "
                          f"try one of {divisors(n)}")
     return n // p
+
+
+def pad_vocab_size(vocab_size: int, p: int, *, multiple: int = 1) -> int:
+    """The smallest multiple of `multiple * p` that is >= vocab_size: the vocabulary split over p ranks.
+
+    multiple=1 (our default) pads as little as possible: nothing when p already divides the
+    vocabulary (our 256 bytes; nanoGPT's 50304, GPT-2's 50257 padded to a multiple of 64, for
+    p in 1, 2, 3, 4, 6, 8, ...), at most p - 1 rows otherwise (50257 at p = 2 -> 50258). Megatron-LM
+    pads to a multiple of 128 * p so that every rank's slice is a multiple of 128 rows, a shape GPU
+    matrix units like (multiple=128: 50257 at p = 2 -> 50432); it costs rows, not correctness, since
+    the padded ids are never predicted (chapter 10 masks their logits).
+    """
+    for name, value in (("vocab_size", vocab_size), ("p", p), ("multiple", multiple)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"pad_vocab_size: {name}={value!r}: it must be a positive integer")
+    step = multiple * p
+    return -(-vocab_size // step) * step
+
+
+def vocab_range(padded_vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The token ids [start, end) that rank `rank` owns: the rank-th of p equal contiguous ranges."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is not in range(world_size={world_size})")
+    per_rank = divide(padded_vocab_size, world_size, "padded_vocab_size")
+    return rank * per_rank, (rank + 1) * per_rank
 
 
 def shard_tensor(t: torch.Tensor, rank: int, world_size: int, dim: int, stride: int = 1) -> torch.Tensor:
@@ -78,6 +104,16 @@ class Replicate:
     """Every rank holds the whole tensor."""
 
 
+@dataclass(frozen=True)
+class VocabShard:
+    """Split dim 0 (the vocabulary) into p contiguous ranges, after padding it with zero rows.
+
+    The padded size is `pad_vocab_size(V, p, multiple=multiple)`; gathering drops the padding
+    again, so the dense tensor comes back bit for bit (chapter 10).
+    """
+    multiple: int = 1
+
+
 # Parameter-name pattern (fnmatch: `*` matches a layer index) -> placement; the first match wins,
 # and a parameter that matches nothing is an error. Comments name the communication each causes.
 GPT_TP_PLAN = {
@@ -97,6 +133,26 @@ GPT_TP_PLAN = {
     "transformer.ln_f.bias": Replicate(),
     "lm_head.weight": Replicate(),  # tied to wte
 }
+
+
+def vocab_parallel_plan(multiple: int = 1) -> dict:
+    """GPT_TP_PLAN with the tied wte/lm_head split over the vocabulary instead of replicated (chapter 10).
+
+    Same patterns in the same order; only the two vocabulary tensors change placement.
+    """
+    return {**GPT_TP_PLAN,
+            "transformer.wte.weight": VocabShard(multiple),  # each rank its ids' rows; one all-reduce of B*T*C
+            "lm_head.weight": VocabShard(multiple)}  # the same tensor: column-parallel head, logits (B, T, V_pad/p)
+
+
+GPT_VOCAB_TP_PLAN = vocab_parallel_plan()
+
+
+def _pad_rows(t, rows: int):
+    """t with zero rows appended along dim 0 up to `rows` rows (t itself when it has them already)."""
+    if t.size(0) == rows:
+        return t
+    return torch.cat([t, t.new_zeros(rows - t.size(0), *t.shape[1:])], dim=0)
 
 
 def placement(name: str, plan: dict = GPT_TP_PLAN):
@@ -123,6 +179,10 @@ def shard_state_dict(state_dict: dict, config, rank: int, world_size: int, *, pl
     for name, t in state_dict.items():
         where = placement(name, plan)
         t = t.detach()
+        if isinstance(where, VocabShard):
+            t = _pad_rows(t, pad_vocab_size(t.size(0), world_size, multiple=where.multiple))
+            out[name] = shard_tensor(t, rank, world_size, 0)
+            continue
         out[name] = t.clone() if isinstance(where, Replicate) else shard_tensor(t, rank, world_size, where.dim, where.stride)
     return out
 
@@ -151,6 +211,8 @@ def shard_shapes(config, world_size: int, *, plan: dict = GPT_TP_PLAN) -> dict:
     for name, shape in dense_shapes(config).items():
         where = placement(name, plan)
         shape = list(shape)
+        if isinstance(where, VocabShard):
+            shape[0] = pad_vocab_size(shape[0], world_size, multiple=where.multiple) // world_size
         if isinstance(where, Shard):
             shape[where.dim] //= world_size
         shapes[name] = torch.Size(shape)
@@ -194,6 +256,9 @@ def gather_state_dict(shards: list, config, *, plan: dict = GPT_TP_PLAN, check_r
         tensors = [sd[name].detach() for sd in shards]
         if isinstance(where, Shard):
             out[name] = gather_tensors(tensors, where.dim, where.stride)
+            continue
+        if isinstance(where, VocabShard):  # drop the padding rows: back to config.vocab_size
+            out[name] = gather_tensors(tensors, 0)[:config.vocab_size].clone()
             continue
         if check_replicas:
             for r, t in enumerate(tensors[1:], start=1):
