@@ -1,0 +1,180 @@
+"""Negative controls: the mistakes the book warns about, built so a check can be seen to fail.
+
+Each function builds one wrong variant of a tensor-parallel computation with the package's own
+pieces, runs it next to the dense reference, and returns how far apart they are. Chapters 3 to 5
+derive each mistake where it arises; chapter 7 gathers them in one table.
+"""
+
+# --- chapter 3: parallel linear layers ---
+
+import torch  # noqa: E402 - each chapter's section imports what it uses
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from .comm import run_threads  # noqa: E402
+from .layers import RowParallelLinear  # noqa: E402
+from .shard import shard_tensor  # noqa: E402
+
+
+def _linear_and_input(seed, in_features=48, out_features=16, rows=6):
+    """A dense nn.Linear(48, 16) with its random bias and an input x (rows, 48), drawn from `seed`.
+
+    The global RNG is left as it was. 48 input features: p in {1, 2, 3, 4, 6, 8, ...} divides them.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        linear = nn.Linear(in_features, out_features)
+        x = torch.randn(rows, in_features)
+    return linear, x
+
+
+def row_parallel_bias_on_every_rank(p: int = 2, seed: int = 0) -> float:
+    """Chapter 3's mistake: the row-parallel layer adds its bias on every rank, before the all-reduce.
+
+    Rank r holds A_r = rows r of A (weight (N, K/p)) and X_r = columns r of X, and computes the
+    partial sum X_r A_r. The mistake adds b to it on every rank, X_r A_r + b, so the all-reduce
+    returns XA + p b: off by (p - 1) b in every row. Everything else is the correct
+    `layers.RowParallelLinear`, which adds b once, after the reduce. Returns the largest absolute
+    difference from the dense nn.Linear(48, 16) over all ranks: (p - 1) max|b| up to float32
+    rounding (p = 1 is right and returns 0).
+    """
+    linear, x = _linear_and_input(seed)
+
+    def rank(group):
+        layer = RowParallelLinear.from_dense(linear, group=group)
+        x_r = shard_tensor(x, group.rank, p, dim=-1)  # (M, K/p) this rank's input features
+        partial = F.linear(x_r, layer.weight, layer.bias)  # the mistake: + b on every rank
+        return group.all_reduce(partial)  # (M, N) = XA + p b
+
+    with torch.no_grad():
+        y = linear(x)
+        outs = run_threads(rank, p)
+    return max((out - y).abs().max().item() for out in outs)
+
+# --- chapter 4: the MLP ---
+
+import torch  # noqa: E402 - each chapter's section imports what it uses
+from torch.nn import functional as F  # noqa: E402
+
+from .comm import run_threads  # noqa: E402
+from .model import MLP, CausalSelfAttention, GPTConfig  # noqa: E402
+from .shard import shard_tensor  # noqa: E402
+from .tp_model import TPCausalSelfAttention  # noqa: E402
+
+
+def _dense_and_input(make, config, seed, batch=2, time=8):
+    """make(config) and an input x (batch, time, n_embd), both drawn from `seed`; global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = make(config)
+        x = torch.randn(batch, time, config.n_embd)
+    return module, x
+
+
+def mlp_split_before_gelu(p: int = 2, seed: int = 0) -> float:
+    """Chapter 4's mistake: c_fc split by rows (its input features), so GELU sees partial sums.
+
+    Rank r holds its channels of x, x[B, T, C_p], and the matching rows of W_fc = c_fc.weight.T,
+    W_fc[C_p, 4C]; its pre-activation x_r W_fc_r is a partial sum of the dense one (c_fc's bias is
+    added on rank 0 only, to be generous). Applying GELU to it before summing is the mistake:
+    GELU(s_0 + s_1) != GELU(s_0) + GELU(s_1). c_proj is then applied on every rank, the ranks'
+    results are all-reduced and c_proj's bias is added once. Returns the largest absolute
+    difference from the dense `model.MLP` (n_embd 48, so p must divide 48; p = 1 splits nothing
+    and returns 0). The correct split (`tp_model.TPMLP`) stays within float32 rounding, ~1e-7.
+    """
+    mlp, x = _dense_and_input(MLP, GPTConfig(n_embd=48, n_head=1), seed)
+
+    def rank(group):
+        r = group.rank
+        x_r = x.chunk(p, dim=-1)[r]  # (B, T, C/p) this rank's input channels
+        w_fc = shard_tensor(mlp.c_fc.weight, r, p, dim=1)  # (4C, C/p): W_fc[C_p, 4C]
+        h_r = F.linear(x_r, w_fc, mlp.c_fc.bias if r == 0 else None)  # (B, T, 4C) a partial sum
+        a_r = F.gelu(h_r)  # the mistake: GELU of a partial sum
+        y_r = F.linear(a_r, mlp.c_proj.weight)  # (B, T, C)
+        return group.all_reduce(y_r) + mlp.c_proj.bias  # (B, T, C) replicated
+
+    with torch.no_grad():
+        y = mlp(x)
+        outs = run_threads(rank, p)
+    return max((out - y).abs().max().item() for out in outs)
+
+
+# --- chapter 5: attention ---
+
+def attention_contiguous_qkv_split(p: int = 2, seed: int = 0) -> float:
+    """Chapter 5's mistake: c_attn's fused q/k/v weight cut into p contiguous chunks.
+
+    c_attn's weight (3C, C) holds q, k and v stacked along its rows. The correct shard takes this
+    rank's heads from each of the three sections (`shard_tensor(w, r, p, 0, stride=3)`); the
+    mistake takes rows [r 3C/p, (r+1) 3C/p) instead, so at p = 2 rank 0 holds all of q and half of
+    k, and reads its "k" from q's rows. Everything else is the correct `tp_model.TPCausalSelfAttention`.
+    Returns the largest absolute difference from the dense `model.CausalSelfAttention` (n_embd 48,
+    n_head 6, so p must divide 6; p = 1 splits nothing and returns 0).
+    """
+    attn, x = _dense_and_input(CausalSelfAttention, GPTConfig(n_embd=48, n_head=6), seed)
+
+    def rank(group):
+        module = TPCausalSelfAttention.from_dense(attn, group=group)
+        module.c_attn.weight.copy_(attn.c_attn.weight.chunk(p, dim=0)[group.rank])  # the mistake
+        module.c_attn.bias.copy_(attn.c_attn.bias.chunk(p, dim=0)[group.rank])
+        return module(x)
+
+    with torch.no_grad():
+        y = attn(x)
+        outs = run_threads(rank, p)
+    return max((out - y).abs().max().item() for out in outs)
+
+# --- chapter 7: the table of controls ---
+
+from .tp_model import TPMLP  # noqa: E402
+
+
+def _max_error(outs, y) -> float:
+    return max((out - y).abs().max().item() for out in outs)
+
+
+def row_parallel_bias_once(p: int = 2, seed: int = 0) -> float:
+    """The correct counterpart of `row_parallel_bias_on_every_rank`, on the same layer and input.
+
+    `layers.RowParallelLinear` adds the bias once, after the all-reduce. Returns the largest
+    absolute difference from the dense nn.Linear(48, 16) over all ranks: float32 rounding only.
+    """
+    linear, x = _linear_and_input(seed)
+
+    def rank(group):
+        layer = RowParallelLinear.from_dense(linear, group=group)
+        return layer(shard_tensor(x, group.rank, p, dim=-1))
+
+    with torch.no_grad():
+        return _max_error(run_threads(rank, p), linear(x))
+
+
+def mlp_split_after_gelu(p: int = 2, seed: int = 0) -> float:
+    """The correct counterpart of `mlp_split_before_gelu`, on the same MLP and input.
+
+    `tp_model.TPMLP`: c_fc by columns, so GELU acts on final values, then c_proj by rows and one
+    all-reduce. Returns the largest absolute difference from the dense MLP: float32 rounding only.
+    """
+    mlp, x = _dense_and_input(MLP, GPTConfig(n_embd=48, n_head=1), seed)  # as mlp_split_before_gelu
+    with torch.no_grad():
+        return _max_error(run_threads(lambda g: TPMLP.from_dense(mlp, group=g)(x), p), mlp(x))
+
+
+def attention_split_by_heads(p: int = 2, seed: int = 0) -> float:
+    """The correct counterpart of `attention_contiguous_qkv_split`, on the same attention and input.
+
+    `tp_model.TPCausalSelfAttention`: c_attn's rows sliced with stride 3, so each rank holds the
+    q, k and v of its own heads. Returns the largest absolute difference: float32 rounding only.
+    """
+    attn, x = _dense_and_input(CausalSelfAttention, GPTConfig(n_embd=48, n_head=6), seed)  # as the mistake
+    with torch.no_grad():
+        return _max_error(run_threads(lambda g: TPCausalSelfAttention.from_dense(attn, group=g)(x), p), attn(x))
+
+
+# (chapter, what is split, the mistake, the correct version): each pair runs on the same dense
+# module and the same input, so their errors can stand side by side in one table.
+CONTROLS = (
+    (3, "row-parallel linear: its bias", row_parallel_bias_on_every_rank, row_parallel_bias_once),
+    (4, "MLP: c_fc and the GELU", mlp_split_before_gelu, mlp_split_after_gelu),
+    (5, "attention: the fused q/k/v weight", attention_contiguous_qkv_split, attention_split_by_heads),
+)
