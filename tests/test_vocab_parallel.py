@@ -407,3 +407,11 @@ def test_parameter_counts_match_built_models(p):
 
     for replicated, vocab in run_threads(fn, p):
         assert (replicated, vocab) == (counts["replicated_head"], counts["vocab_parallel"])
+
+
+def test_class_plan_is_the_vocab_plan_for_the_default_multiple():
+    from tputil.shard import GPT_VOCAB_TP_PLAN, vocab_parallel_plan
+    from tputil.tp_vocab import VocabParallelTPGPT
+
+    assert VocabParallelTPGPT.plan is GPT_VOCAB_TP_PLAN
+    assert VocabParallelTPGPT.plan == vocab_parallel_plan(1)

@@ -26,7 +26,7 @@ from .comm import gather_from_parallel_region
 from .layers import ColumnParallelLinear, VocabParallelEmbedding
 from .loss import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from .model import generate
-from .shard import (GPT_TP_PLAN, check_shard_state_dict, pad_vocab_size, shard_shapes, shard_state_dict,
+from .shard import (GPT_TP_PLAN, GPT_VOCAB_TP_PLAN, check_shard_state_dict, pad_vocab_size, shard_shapes, shard_state_dict,
                     vocab_parallel_plan)
 from .tp_model import TPGPT, _global_rng_restored
 
@@ -39,6 +39,8 @@ class VocabParallelTPGPT(TPGPT):
     1 pads least, Megatron-LM uses 128). forward returns the logit shard (B, T, V_pad/p);
     `gather_logits` turns it into the dense model's (B, T, V) when needed.
     """
+
+    plan = GPT_VOCAB_TP_PLAN  # the plan for the default multiple=1; instances use their own multiple's
 
     def __init__(self, config, *, group, multiple: int = 1):
         super().__init__(config, group=group)
