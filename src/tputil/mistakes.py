@@ -174,7 +174,7 @@ def attention_split_by_heads(p: int = 2, seed: int = 0) -> float:
 # (chapter, what is split, the mistake, the correct version): each pair runs on the same dense
 # module and the same input, so their errors can stand side by side in one table.
 CONTROLS = (
-    (3, "row-parallel linear: its bias", row_parallel_bias_on_every_rank, row_parallel_bias_once),
-    (4, "MLP: c_fc and the GELU", mlp_split_before_gelu, mlp_split_after_gelu),
-    (5, "attention: the fused q/k/v weight", attention_contiguous_qkv_split, attention_split_by_heads),
+    (3, "row-parallel bias", row_parallel_bias_on_every_rank, row_parallel_bias_once),
+    (4, "MLP: c_fc, GELU", mlp_split_before_gelu, mlp_split_after_gelu),
+    (5, "attention: q/k/v", attention_contiguous_qkv_split, attention_split_by_heads),
 )

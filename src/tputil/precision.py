@@ -1,0 +1,67 @@
+"""How far two float computations of the same sum can drift apart: rounding bounds for chapter 7.
+
+Derived in chapter 7. Every floating-point addition or multiplication rounds its exact result to
+the nearest representable number: fl(a + b) = (a + b)(1 + d) with |d| <= u, the *unit roundoff*,
+half of the machine epsilon (u = 2^-24 in float32, 2^-53 in float64, 2^-8 in bfloat16). A dot
+product or a sum of n terms, added in any order, is off from the exact value by at most about
+n u times the sum of the terms' absolute values (Higham's gamma_n, to first order in u). Two
+different orders of the same sum, such as the dense matmul and the tensor-parallel partial sums
+plus all-reduce, are each within that of the exact value, so within twice that of each other.
+
+For a whole GPT, `additions_on_path` counts the rounding steps that feed one logit along the
+longest chain through the model (each sum or dot product of n terms counted as n), and
+`gpt_logit_bound` turns it into a first-order estimate of the worst case: every step adds at most
+u of relative error, none amplifies the errors before it. That premise is not a theorem (the
+centering inside a layer norm and cancellation in sums can amplify by small factors), so chapter 7
+checks the estimate against the float64 model, which is exact by comparison.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["unit_roundoff", "sum_bound", "additions_on_path", "gpt_logit_bound"]
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = eps / 2: the largest relative error of one rounding (2^-24 for float32)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def sum_bound(abs_sum, n: int, dtype: torch.dtype):
+    """The first-order bound on |computed - exact| for a sum or dot product of n terms: n u sum|terms|.
+
+    `abs_sum` may be a number or a tensor (one bound per entry). For a plain sum (no products)
+    n - 1 would do; n also covers the rounding of the products of a dot product.
+    """
+    if n < 1:
+        raise ValueError(f"n={n}: a sum has at least one term")
+    return n * unit_roundoff(dtype) * abs_sum
+
+
+def additions_on_path(config, T: int) -> int:
+    """Rounding steps along the longest chain from the embeddings to one logit (a count, not a proof).
+
+    Per layer: ln_1 and ln_2 (a mean and a variance over C, and 4 elementwise steps: 2C + 4 each),
+    c_attn (C + 1 with the bias), attention (q.k over hs, a scale, softmax's exp, sum over T and
+    division, att @ v over T: hs + 2T + 3), attn.c_proj (C, its bias, the residual add: C + 2),
+    c_fc (C + 1), GELU (3), mlp.c_proj (4C + 2). That is 11C + hs + 2T + 20 per layer. Around the
+    layers: the embedding add (1), ln_f (2C + 4), lm_head (C).
+    """
+    C, hs = config.n_embd, config.n_embd // config.n_head
+    per_layer = 11 * C + hs + 2 * T + 20
+    return config.n_layer * per_layer + 1 + (2 * C + 4) + C
+
+
+def gpt_logit_bound(config, T: int, magnitude: float, dtype: torch.dtype) -> dict:
+    """Two estimates of max |logits_a - logits_b| for two orders of the same GPT forward pass.
+
+    magnitude: the size of a logit's terms, max over logits of sum_c |h_c| |W_vc| (h the output of
+    ln_f, W = lm_head's weight): what a relative error of h turns into, in logit units.
+    worst: 2 n u magnitude, each run off by at most n u of relative error (n = additions_on_path),
+    typical: sqrt(n) u magnitude, the size of a random walk of n roundings of random sign.
+    """
+    n, u = additions_on_path(config, T), unit_roundoff(dtype)
+    return {"n": n, "worst": 2 * n * u * magnitude, "typical": math.sqrt(n) * u * magnitude}
