@@ -1,29 +1,65 @@
 """Run one SPMD function on p real processes and collect what each rank returns.
 
-Minimal for now (used in tests and from chapter 8, which extends it). `run_processes(fn, p, ...)`
-spawns p fresh Python processes, joins them into one torch.distributed group on 127.0.0.1 and
-calls `fn(DistGroup(), *args)` on each. `fn` must be importable by the children (a module-level
-function in a module, not one defined in a notebook cell); args and results must pickle.
+Used from chapter 2 (the collectives on real processes) and derived in chapter 8 (real processes).
+`run_processes(fn, p, *args)` starts p fresh Python processes, joins them into one
+torch.distributed group on 127.0.0.1 and calls `fn(DistGroup(), *args)` on each. `fn` must be
+importable by the children (a module-level function in a module, not one defined in a notebook
+cell); args and results must pickle.
+
+What can go wrong, and what the caller sees (tests/test_launch_faults.py checks each):
+- a rank raises: a RankError naming it, with its traceback, as soon as it happens;
+- a rank dies (os._exit, a signal, a crash): a RankError naming it and its exit code, with the
+  last lines it wrote (a crash prints its Python traceback there: faulthandler is on);
+- ranks disagree about collectives: a rank waiting in one that the others never join fails after
+  `collective_timeout` seconds (gloo raises; NCCL's watchdog aborts the process), and the error
+  says which ranks had returned and which were still running. If the rank that skipped the
+  collective has already exited, the waiting rank fails at once ("Connection closed by peer");
+- anything else that does not finish (an endless loop outside any collective): a TimeoutError
+  after `timeout` seconds for the whole call.
+In every case all the children are stopped before the call returns or raises.
+
+How. The children are plain subprocesses (not multiprocessing: no resource tracker, no shared
+memory), each the leader of its own process group, so stopping a rank (SIGTERM, then SIGKILL)
+also stops anything it started. The parent hosts the rendezvous store on a port the OS picks, so
+concurrent calls never collide; the job goes to the children and their results come back through
+that store. Each child watches its stdin, a pipe from the parent, and exits if the parent dies.
+What a rank prints is shown here as "[rank r] ..." lines; its stderr is kept for error messages.
 """
 
+import json
 import os
 import pickle
-import queue
+import re
+import signal
+import subprocess
 import sys
+import threading
 import time
 import traceback
+from collections import deque
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from .comm import DistGroup, RankError
+
+_SPEC_ENV = "TPUTIL_LAUNCH_SPEC"
+_JOB, _RESULT = "tputil/job", "tputil/result/"
+# the child first takes the parent's sys.path (so it finds what the parent finds), then starts
+_BOOT = (f"import json, os, sys; sys.path[:] = json.loads(os.environ['{_SPEC_ENV}'])['sys_path']; "
+         f"from tputil.launch import _child_main; _child_main()")
+_GRACE = 1.0  # s: after a rank fails in a collective, how long to look for the rank that caused it
+_TAIL = 40  # lines of each rank's output kept for error messages
 
 
 def default_backend(world_size: int) -> str:
     """nccl when every rank can have its own GPU, gloo otherwise."""
     return "nccl" if torch.cuda.is_available() and world_size <= torch.cuda.device_count() else "gloo"
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _to_cpu(obj):
@@ -36,32 +72,8 @@ def _to_cpu(obj):
     return obj
 
 
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _worker(rank, world_size, port, backend, timeout, fn, args, results):
-    try:
-        # p processes share the cores: each takes its share of intra-op threads (as torchrun does),
-        # or their thread teams spin against each other and small ops slow down a hundredfold
-        torch.set_num_threads(max(1, _cpus() // world_size))
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=timeout))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout))
-        value = fn(DistGroup(), *args)
-        # plain pickle copies tensor data into bytes (no shared memory that dies with this process)
-        results.put((rank, "ok", pickle.dumps(_to_cpu(value))))
-    except BaseException:  # noqa: B902 - sent to the parent, which raises it
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _check_importable(fn):
-    """Spawned children find fn by its module and name: fail early, clearly, if they cannot."""
+    """Children find fn by its module and name: fail early, clearly, if they cannot."""
     main_has_file = hasattr(sys.modules.get("__main__"), "__file__")
     name = getattr(fn, "__qualname__", "")
     if "<" in name or (getattr(fn, "__module__", None) == "__main__" and not main_has_file):
@@ -70,64 +82,251 @@ def _check_importable(fn):
                          f"module level in a .py file and import it")
 
 
-def _stop(procs):
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    deadline = time.monotonic() + 5.0
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join()
+def _main_to_load(fn):
+    """How a child re-creates the parent's __main__ when fn lives there (a script run as `python x.py`)."""
+    if getattr(fn, "__module__", None) != "__main__":
+        return None
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name not in (None, "__main__"):
+        return ("module", spec.name)  # `python -m package.module`
+    return ("path", os.path.abspath(main.__file__))
 
 
-def run_processes(fn, world_size: int, *args, backend: str | None = None, timeout: float = 60.0) -> list:
-    """fn(DistGroup(), *args) on world_size spawned processes; returns each rank's result, in rank order.
+# ------------------------------------------------------------------------------- one child process
+
+class _Rank:
+    """One child process: started at once, its output read by two threads, its result polled."""
+
+    def __init__(self, rank, spec, echo):
+        self.rank = rank
+        self.output = deque(maxlen=_TAIL)  # its last lines, stdout and stderr together
+        p = spec["world_size"]
+        env = {**os.environ, _SPEC_ENV: json.dumps({**spec, "rank": rank}), "PYTHONUNBUFFERED": "1",
+               "OMP_NUM_THREADS": str(spec["threads"]), "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(p), "LOCAL_WORLD_SIZE": str(p), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(spec["port"])}  # torchrun's variables too, for code that reads them
+        self.proc = subprocess.Popen([sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env, start_new_session=True)
+        self.readers = [threading.Thread(target=self._read, args=(self.proc.stdout, sys.stdout if echo else None),
+                                         daemon=True),
+                        threading.Thread(target=self._read, args=(self.proc.stderr, None), daemon=True)]
+        for t in self.readers:
+            t.start()
+
+    def _read(self, pipe, echo_to):
+        for raw in pipe:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.output.append(line)
+            if echo_to is not None:
+                echo_to.write(f"[rank {self.rank}] {line}\n")
+
+    def poll(self, store):
+        """None while running; ("ok", value), ("error", kind, traceback) or ("died", exit code)."""
+        key = f"{_RESULT}{self.rank}"
+        if not store.check([key]):
+            code = self.proc.poll()
+            if code is None or not store.check([key]):  # look again: it may have sent a result, then exited
+                return None if code is None else ("died", code)
+        message = pickle.loads(store.get(key))
+        return ("ok", pickle.loads(message[1])) if message[0] == "ok" else message
+
+    def signal_group(self, sig):
+        try:
+            os.killpg(self.proc.pid, sig)  # the child and anything it started
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def last_output(self) -> str:
+        return "\n".join(f"    {line}" for line in self.output)
+
+
+def _stop(ranks, grace: float = 2.0):
+    """SIGTERM every rank's process group, SIGKILL what is left after `grace` seconds, reap all."""
+    for r in ranks:
+        if r.proc.poll() is None:
+            r.signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for r in ranks:
+        try:
+            r.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for r in ranks:
+        r.signal_group(signal.SIGKILL)  # also grandchildren that outlived their rank
+        r.proc.wait()
+        r.proc.stdin.close()
+    for r in ranks:
+        for t in r.readers:
+            t.join(1.0)
+        r.proc.stdout.close()
+        r.proc.stderr.close()
+
+
+# ----------------------------------------------------------------------------- the parent's side
+
+def run_processes(fn, world_size: int, *args, backend: str | None = None, timeout: float = 60.0,
+                  collective_timeout: float = 30.0, echo: bool = True) -> list:
+    """fn(DistGroup(), *args) on world_size new processes; returns each rank's result, in rank order.
 
     backend None picks `default_backend(world_size)`. Tensors in the results come back on the CPU.
-    If a rank raises, every process is stopped and a RankError naming the rank carries its
-    traceback; likewise after `timeout` seconds (for the whole run, start-up included).
+    `timeout` bounds the whole call (start-up included); `collective_timeout` how long a rank may
+    wait inside one collective for the others (at most `timeout`). echo: show what the ranks print.
+    Errors: RankError naming the rank that failed or died (see the module docstring), TimeoutError.
     """
     _check_importable(fn)
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r}: it must be a positive integer")
     backend = backend or default_backend(world_size)
-    # The parent hosts the rendezvous store on a free port (port 0: the OS picks one), so no port
-    # can be taken by someone else between choosing it and using it.
+    collective_timeout = min(collective_timeout, timeout)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=timeout))
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, store.port, backend, timeout, fn, args, results),
-                         name=f"tputil-rank{r}", daemon=True) for r in range(world_size)]
-    out, deadline = {}, time.monotonic() + timeout
+                          timeout=timedelta(seconds=timeout))  # port 0: the OS picks a free one
+    store.set(_JOB, pickle.dumps((fn, args)))
+    spec = dict(world_size=world_size, port=store.port, backend=backend, timeout=timeout,
+                collective_timeout=collective_timeout, sys_path=sys.path, main=_main_to_load(fn),
+                # the ranks share the cores: each gets its share of intra-op threads (as torchrun does),
+                # or their thread teams spin against each other and small ops slow down a hundredfold
+                threads=max(1, _cpus() // world_size))
+    ranks = []
     try:
-        for p in procs:
-            p.start()
-        while len(out) < world_size:
-            try:
-                rank, status, payload = results.get(timeout=0.1)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode not in (None, 0)]
-                if dead:
-                    raise RankError(dead[0], f"rank {dead[0]} of {world_size} died with exit code "
-                                             f"{procs[dead[0]].exitcode} before returning a result")
-                if time.monotonic() > deadline:
-                    waiting = [r for r in range(world_size) if r not in out]
-                    raise TimeoutError(f"run_processes timed out after {timeout}s; ranks {waiting} did not finish")
-                continue
-            if status == "error":
-                dead = [r for r, p in enumerate(procs) if r != rank and p.exitcode not in (None, 0)]
-                if dead:  # a rank that died silently is the likelier cause of the others' errors
-                    last = payload.strip().splitlines()[-1]
-                    raise RankError(dead[0], f"rank {dead[0]} of {world_size} died with exit code "
-                                             f"{procs[dead[0]].exitcode}; then rank {rank} failed: {last}")
-                raise RankError(rank, f"rank {rank} of {world_size} failed:\n{payload}")
-            out[rank] = pickle.loads(payload)
-        for p in procs:
-            p.join(timeout=max(1.0, deadline - time.monotonic()))
+        for r in range(world_size):
+            ranks.append(_Rank(r, spec, echo))
+        return _collect(ranks, store, timeout, collective_timeout)
     finally:
-        _stop(procs)
-        results.close()
-        results.cancel_join_thread()
+        _stop(ranks)
         del store
-    return [out[r] for r in range(world_size)]
+
+
+def _collect(ranks, store, timeout, collective_timeout):
+    p, deadline = len(ranks), time.monotonic() + timeout
+    done, failed, failed_at = {}, {}, None  # rank -> result; rank -> failure, in the order seen
+    while len(done) < p:
+        for r in ranks:
+            if r.rank not in done and r.rank not in failed:
+                event = r.poll(store)
+                if event is not None and event[0] == "ok":
+                    done[r.rank] = event[1]
+                elif event is not None:
+                    failed[r.rank] = event
+                    failed_at = failed_at or time.monotonic()
+        if failed:
+            causes = [k for k, e in failed.items() if e[0] == "died" or e[1] in ("own", "timeout")]
+            # a connection lost inside a collective is usually the echo of another rank's failure:
+            # look briefly for that one (its error or exit code may arrive a moment later)
+            if causes or len(done) + len(failed) == p or time.monotonic() - failed_at > _GRACE:
+                raise _explain(ranks, done, failed, collective_timeout)
+        if time.monotonic() > deadline:
+            waiting = [r.rank for r in ranks if r.rank not in done]
+            raise TimeoutError(f"run_processes timed out after {timeout}s: ranks {waiting} of {p} did not finish "
+                               f"(ranks {sorted(done)} returned). A rank waiting inside a collective fails after "
+                               f"collective_timeout={collective_timeout}s; one stuck outside any (an endless loop, "
+                               f"a sleep) is stopped only by this timeout")
+        time.sleep(0.01)
+    return [done[r] for r in range(p)]
+
+
+def _describe(event) -> str:
+    if event[0] == "died":
+        code = event[1]
+        why = f" ({signal.Signals(-code).name})" if code < 0 and -code in signal.valid_signals() else ""
+        return f"died with exit code {code}{why} before returning a result"
+    last = re.sub(r"^(\w+: )\[\S+:\d+\] ", r"\1", event[2].strip().splitlines()[-1])  # drop a C++ file:line
+    what = {"own": "raised", "comm": "failed in a collective", "timeout": "timed out in a collective"}[event[1]]
+    return f"{what} ({last})"
+
+
+def _explain(ranks, done, failed, collective_timeout) -> RankError:
+    """One RankError about the likeliest cause: a rank that died, then one that raised by itself."""
+    order = {"died": 0, "own": 1, "timeout": 2, "comm": 3}
+    cause = min(failed, key=lambda k: (order[failed[k][0] if failed[k][0] == "died" else failed[k][1]],
+                                       list(failed).index(k)))
+    event, p = failed[cause], len(ranks)
+    if event[0] == "died":
+        text = f"rank {cause} of {p} {_describe(event)}"
+        for t in ranks[cause].readers:  # its last words (a crash report) may still be in the pipe
+            t.join(1.0)
+        tail = ranks[cause].last_output()
+        text += f"; its last output:\n{tail}" if tail else "; it printed nothing"
+    elif event[1] == "own":
+        text = f"rank {cause} of {p} failed:\n{event[2]}"
+    elif event[1] == "timeout":
+        text = (f"rank {cause} of {p} timed out after collective_timeout={collective_timeout}s waiting in a "
+                f"collective that the other ranks did not join; every rank must call the same collectives in "
+                f"the same order:\n{event[2]}")
+    else:
+        text = f"rank {cause} of {p} failed in a collective:\n{event[2]}"
+    others = []
+    for r in ranks:
+        if r.rank == cause:
+            continue
+        if r.rank in done:
+            others.append(f"rank {r.rank} had returned its result")
+        elif r.rank in failed:
+            others.append(f"rank {r.rank} {_describe(failed[r.rank])}")
+        else:
+            others.append(f"rank {r.rank} was still running and was stopped")
+    if others:
+        text += "\nThe other ranks: " + "; ".join(others) + "."
+    if event[0] != "died" and event[1] == "comm" and done:
+        text += (f"\nRanks {sorted(done)} returned while rank {cause} was in a collective: did they skip a "
+                 f"collective that it was waiting in?")
+    return RankError(cause, text)
+
+
+# ------------------------------------------------------------------------------ the child's side
+
+def _failure_kind(exc) -> str:
+    """'timeout' or 'comm' for errors of the communication layer, 'own' for the rank's own errors."""
+    text = str(exc)
+    comm = isinstance(exc, getattr(dist, "DistError", ())) or (
+        isinstance(exc, RuntimeError) and any(s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed",
+                                                                  "Connection reset", "ProcessGroup")))
+    if not comm:
+        return "own"
+    return "timeout" if "Timed out" in text or "timed out" in text else "comm"
+
+
+def _exit_with_parent():
+    """Block on stdin, a pipe from the parent: end of file means the parent is gone, so go too."""
+    sys.stdin.buffer.read()
+    os._exit(70)
+
+
+def _load_main(kind, target):
+    """Run the parent's main script as module __mp_main__, also seen as __main__ (as multiprocessing does)."""
+    import runpy
+    import types
+    namespace = (runpy.run_path(target, run_name="__mp_main__") if kind == "path"
+                 else runpy.run_module(target, run_name="__mp_main__", alter_sys=False))
+    module = types.ModuleType("__mp_main__")
+    module.__dict__.update(namespace)
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = module
+
+
+def _child_main():
+    """The body of a child process: rendezvous, run fn, send back its result or its error."""
+    import faulthandler
+    faulthandler.enable()  # a crash prints the Python traceback to stderr, which the parent keeps
+    spec = json.loads(os.environ.pop(_SPEC_ENV))
+    rank, world_size = spec["rank"], spec["world_size"]
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    torch.set_num_threads(spec["threads"])
+    store = dist.TCPStore("127.0.0.1", spec["port"], is_master=False, timeout=timedelta(seconds=spec["timeout"]))
+    try:
+        if spec["main"]:
+            _load_main(*spec["main"])
+        fn, args = pickle.loads(store.get(_JOB))
+        if spec["backend"] == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(spec["backend"], store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=spec["collective_timeout"]))
+        # plain pickle copies tensor data into bytes (no shared memory that dies with this process)
+        message = ("ok", pickle.dumps(_to_cpu(fn(DistGroup(), *args))))
+    except BaseException as exc:  # noqa: B902 - sent to the parent, which raises it
+        message = ("error", _failure_kind(exc), traceback.format_exc())
+    store.set(f"{_RESULT}{rank}", pickle.dumps(message))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if message[0] == "ok" and dist.is_initialized():
+        dist.destroy_process_group()  # after an error the parent stops us; tearing down could hang
+    os._exit(0)

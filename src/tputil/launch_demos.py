@@ -1,0 +1,71 @@
+"""Rank functions that go wrong on purpose, for `launch.run_processes` (chapter 8 and its tests).
+
+Each is plain SPMD code on a `Group`: `bad_rank` misbehaves in one way, the other ranks do the
+normal thing (most wait in an all-reduce that needs every rank). They live in the package because
+the child processes import the function they run by module and name.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def hello(group, tag=""):
+    """Every rank prints a line and returns (rank, world_size, pid, sum over ranks of rank + 1)."""
+    print(f"hello from rank {group.rank} of {group.world_size} {tag}".rstrip())
+    total = group.all_reduce(torch.tensor([group.rank + 1.0]))
+    return group.rank, group.world_size, os.getpid(), total.item()
+
+
+def raise_on(group, bad_rank=1):
+    """bad_rank raises a ValueError; the others wait for it in an all-reduce."""
+    if group.rank == bad_rank:
+        raise ValueError(f"rank {group.rank} fails on purpose")
+    return group.all_reduce(torch.ones(1))
+
+
+def die_on(group, bad_rank=1, how=3):
+    """bad_rank's process ends without a word: os._exit(how) for an int, else the signal named `how`."""
+    if group.rank == bad_rank:
+        sys.stdout.flush()
+        if isinstance(how, int):
+            os._exit(how)
+        os.kill(os.getpid(), getattr(signal, how))
+        time.sleep(10)  # a signal is delivered at once; never reached
+    return group.all_reduce(torch.ones(1))
+
+
+def skip_all_reduce_on(group, bad_rank=1, then="sleep", seconds=60.0):
+    """bad_rank skips the all-reduce the others wait in, then sleeps (stays alive) or returns."""
+    if group.rank == bad_rank:
+        if then == "sleep":
+            time.sleep(seconds)
+        return None
+    return group.all_reduce(torch.ones(1))
+
+
+def sleep_on(group, bad_rank=1, seconds=60.0):
+    """bad_rank sleeps outside any collective; the others return at once."""
+    if group.rank == bad_rank:
+        time.sleep(seconds)
+    return group.rank
+
+
+def start_process_then_raise(group, pid_path, bad_rank=1):
+    """Every rank starts a long `sleep` process and writes its pid to f"{pid_path}.{rank}"; then
+    bad_rank raises while the others wait in an all-reduce. Nothing they started may survive."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    with open(f"{pid_path}.{group.rank}", "w") as f:
+        f.write(str(child.pid))
+    group.all_reduce(torch.ones(1))  # every rank has written its pid
+    return raise_on(group, bad_rank)
+
+
+def report_then_sleep(group, seconds=60.0):
+    """Every rank prints "rank r pid n ready", then sleeps outside any collective."""
+    print(f"rank {group.rank} pid {os.getpid()} ready", flush=True)
+    time.sleep(seconds)

@@ -1,0 +1,112 @@
+"""The command line, `python -m tputil`, as one process and as real processes under torchrun.
+
+The torchrun runs are subprocesses with a timeout, so a hang fails the test instead of freezing
+it; each takes a few seconds (every process imports torch). OMP_NUM_THREADS=1: the processes
+share this machine's cores (torchrun would set it too, with a warning).
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tputil import __main__ as cli
+from tputil.tp_model import TPGPT
+from tputil.train import loss_tolerance
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+ROW = re.compile(r"^\s*(\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)\s+(\d\.\de[+-]\d+)$")
+
+
+def run(args, timeout=120):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def test_help_lists_the_commands():
+    out = run([sys.executable, "-m", "tputil", "--help"])
+    assert out.returncode == 0, out.stderr
+    assert "{train,generate}" in out.stdout and "torchrun" in out.stdout
+
+
+def test_train_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--help"])
+    assert info.value.code == 0
+    train_help = capsys.readouterr().out
+    for flag in ("--n-layer", "--n-head", "--n-embd", "--steps", "--seed", "--dtype {float32,float64}"):
+        assert flag in train_help
+
+
+def test_train_under_torchrun_on_two_processes_matches_the_dense_loss():
+    out = run(TORCHRUN + ["--nproc-per-node", "2", "-m", "tputil", "train", "--steps", "5", "--n-layer", "2",
+                          "--n-embd", "32", "--block-size", "32", "--batch-size", "4"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [ROW.match(line) for line in out.stdout.splitlines()]
+    rows = [tuple(float(x) for x in m.groups()) for m in rows if m]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5]  # printed once: by rank 0 only
+    for step, tp, dense, gap in rows:
+        assert abs(tp - dense) <= loss_tolerance(torch.float32, int(step) - 1) + 1e-7  # printed to 7 decimals
+        assert gap <= loss_tolerance(torch.float32, int(step) - 1)
+    assert rows[-1][1] < rows[0][1]  # it trains
+    assert "tensor parallel over p=2 process(es), backend gloo" in out.stdout
+    assert "8 all-reduces (4 per layer)" in out.stdout
+    assert out.stdout.count("summary:") == 1
+    assert "OK: the TP loss matched the dense loss at every step" in out.stdout
+
+
+def test_bad_input_names_what_to_change_and_exits_with_code_2():
+    out = run([sys.executable, "-m", "tputil", "train", "--n-head", "3", "--n-embd", "64"])
+    assert out.returncode == 2
+    assert "n_embd=64 is not divisible by n_head=3" in out.stderr and "(flags --n-embd and --n-head)" in out.stderr
+
+
+def test_a_degree_that_does_not_divide_the_heads_stops_every_rank_under_torchrun():
+    out = run(TORCHRUN + ["--nproc-per-node", "2", "-m", "tputil", "train", "--n-head", "3", "--n-embd", "48"],
+              timeout=60)
+    assert out.returncode != 0  # torchrun reports its workers' failure with its own exit code, 1
+    message = "--n-head 3 cannot be split over p=2 processes"
+    assert out.stderr.count(message) == 1, out.stderr  # said once, by rank 0
+    assert "Run with --nproc-per-node in [1, 3], or choose --n-head (and --n-embd) a multiple of 2" in out.stderr
+    assert "exitcode  : 2" in out.stderr  # the ranks' own exit code
+
+
+def test_generate_in_one_process_matches_the_dense_model(monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # keep this test process's thread setting
+    argv = ["generate", "--steps", "0", "--new-tokens", "6", "--n-embd", "32", "--block-size", "16"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "prompt: 'The rank '" in printed and "OK: identical to the dense model's continuation" in printed
+
+
+def test_generate_reports_a_continuation_that_differs_as_a_bug(monkeypatch, capsys):
+    """The negative control: a TP generate that changes its last byte is caught, with exit code 1."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    real = TPGPT.generate
+
+    def off_by_one(self, idx, n, **kwargs):
+        out = real(self, idx, n, **kwargs)
+        out[:, -1] = (out[:, -1] + 1) % 256
+        return out
+
+    monkeypatch.setattr(TPGPT, "generate", off_by_one)
+    assert cli.main(["generate", "--steps", "0", "--new-tokens", "4", "--n-embd", "32", "--block-size", "16"]) == 1
+    printed = capsys.readouterr().out
+    assert "DIFFERENT from the dense model's from byte 4 on" in printed
+    assert "more than rounding can explain: a bug" in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt", ""], "--prompt is empty"),
+    (["train", "--block-size", "20000"], "--block-size 20000 is too long for the 16384-byte corpus"),
+    (["train", "--steps", "0"], "argument --steps: 0 is not a positive integer"),
+    (["train", "--dtype", "bfloat16"], "argument --dtype: invalid choice: 'bfloat16'"),
+])
+def test_more_bad_input_exits_with_code_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
