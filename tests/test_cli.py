@@ -29,7 +29,7 @@ def run(args, timeout=120):
 def test_help_lists_the_commands():
     out = run([sys.executable, "-m", "tputil", "--help"])
     assert out.returncode == 0, out.stderr
-    assert "{train,generate}" in out.stdout and "torchrun" in out.stdout
+    assert "{train,generate,bench}" in out.stdout and "torchrun" in out.stdout
 
 
 def test_train_help_lists_the_flags(capsys):
@@ -110,3 +110,16 @@ def test_more_bad_input_exits_with_code_2(argv, message, capsys):
         cli.main(argv)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_is_a_sub_command_and_refuses_torchrun(monkeypatch, capsys):
+    """bench starts its own processes: under torchrun (WORLD_SIZE > 1) it says how to run it instead."""
+    from tputil.__main__ import build_parser, main
+
+    args = build_parser().parse_args(["bench", "--sizes", "tiny", "--repeats", "1"])
+    assert args.command == "bench" and args.sizes == ["tiny"] and args.repeats == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench"])
+    assert exc.value.code == 2
+    assert "python -m tputil bench --p N" in capsys.readouterr().err

@@ -1,10 +1,11 @@
-"""The command line: train or generate with the tensor-parallel GPT, checked against the dense one.
+"""The command line: train, generate or bench the tensor-parallel GPT, checked against the dense one.
 
 Chapter 8 (real processes) and chapter 9 (training) run it. One process, or p under torchrun:
 
     python -m tputil train --steps 50                                   # p = 1
     torchrun --standalone --nproc-per-node 2 -m tputil train --steps 50 # p = 2, gloo on CPU
     torchrun --standalone --nproc-per-node 2 -m tputil generate --prompt "The rank "
+    python -m tputil bench --sizes tiny mid gpt2                        # starts its own p processes
 
 Under torchrun each process reads RANK, WORLD_SIZE and LOCAL_RANK from the environment, joins the
 process group (gloo on CPU, NCCL with one GPU per process) and builds its slice of the same dense
@@ -28,6 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from . import bench
 from . import train as tr
 from .comm import DistGroup, SingleGroup
 from .launch import default_backend
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Megatron-style tensor parallelism on a nanoGPT-style GPT, checked against the dense model. "
                     "Runs as one process (p = 1) or as p processes under "
                     "`torchrun --standalone --nproc-per-node p -m tputil ...`.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,bench}")
     common = argparse.ArgumentParser(add_help=False)
     model = common.add_argument_group("model (vocab_size 256: one token per byte)")
     model.add_argument("--n-layer", type=_positive_int, default=2, help="transformer blocks (default 2)")
@@ -92,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--steps", type=_non_negative_int, default=200,
                        help="training steps before generating; 0 for the untrained model (default 200)")
     p_gen.set_defaults(func=cmd_generate)
+
+    p_bench = commands.add_parser("bench", help="time dense, ours and PyTorch's TP side by side",
+                                  description="Start p processes itself and time the dense model, our tensor-parallel "
+                                              "GPT and PyTorch's tensor parallelism on the same weights; print one "
+                                              "table of times and ratios. Run it as one process, not under torchrun.")
+    bench.add_arguments(p_bench)
     return parser
 
 
@@ -275,6 +283,11 @@ def cmd_generate(args, config, ctx) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            parser.error("bench starts its own processes: run it once, as `python -m tputil bench --p N`, "
+                         "not under torchrun")
+        return bench.run(args)
     config, ctx = setup(args, parser)
     try:
         return args.func(args, config, ctx)

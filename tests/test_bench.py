@@ -1,0 +1,80 @@
+"""The benchmark command runs end to end on 2 real processes, and its correctness guard bites.
+
+No timing is asserted: the numbers depend on the machine and its load. What must hold is that one
+run measures every variant, prints one table with every column, and refuses to time a wrong model.
+Two spawns (a few seconds each): the smoke run, then a run with a deliberately mis-sharded variant.
+"""
+
+import argparse
+
+import pytest
+import torch
+
+from tputil.bench import (DEFAULT_VARIANTS, LOGITS_TOL, SIZES, VARIANTS, BenchCorrectnessError, BenchSize,
+                          add_arguments, check_close, run_bench)
+from tputil.bench_report import COLUMNS, HEADERS
+from tputil.comm import RankError
+from tputil.model import GPTConfig
+
+# smaller than the bench's "tiny": the point is that every code path runs, not the numbers
+SMOKE = BenchSize("smoke", GPTConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=64, block_size=16), 2)
+
+
+def test_bench_runs_end_to_end_and_prints_one_table_with_all_columns():
+    result = run_bench([SMOKE], repeats=1)
+    lines = result.table.splitlines()
+    for header in HEADERS:
+        assert header in lines[0]
+    assert any(line.startswith("smoke: 1 layers, C=32") for line in lines)
+    for key in DEFAULT_VARIANTS:
+        label = VARIANTS[key][0]
+        assert sum(line[:COLUMNS[0][2]].strip() == label for line in lines) == 1, label
+    rows = {r["key"]: r for r in result.rows}
+    assert set(rows) == set(DEFAULT_VARIANTS)
+    for key, row in rows.items():
+        assert row["fwd"] > 0 and row["step"] > 0, key
+        if key != "dense":
+            assert row["fwd/dense"] > 0 and row["step/dense"] > 0, key
+        if key.startswith("ours"):  # timed collectives, and a ratio against PyTorch's TP with the same head
+            assert row["comm_fwd"] > 0 and row["comm_step"] > 0, key
+            assert row["fwd/torch"] > 0 and row["step/torch"] > 0, key
+        if key.startswith("torch"):  # profiled collectives
+            assert row["comm_fwd"] > 0 and row["comm_step"] > 0, key
+    assert "load average" in result.table and "wall time" in result.table
+
+
+def test_the_guard_stops_a_mis_sharded_variant_before_timing():
+    # ours with c_attn cut into contiguous rows (rank 0 gets q and half of k): the guard must raise
+    with pytest.raises(RankError, match="correctness guard: ours_rep: logits differs from the dense model"):
+        run_bench([SMOKE], repeats=1, variants=["ours_rep"], _sabotage="ours_rep")
+
+
+def test_check_close_names_the_variant_and_passes_rounding_noise():
+    x = torch.randn(4, 8)
+    check_close("v: logits", x + 1e-6, x, LOGITS_TOL)  # float32 rounding noise passes
+    with pytest.raises(BenchCorrectnessError, match="v: logits differs"):
+        check_close("v: logits", x + 1e-2, x, LOGITS_TOL)  # a real error does not
+
+
+def test_command_line_arguments():
+    args = add_arguments(argparse.ArgumentParser()).parse_args([])
+    assert args.sizes == ["tiny", "mid", "gpt2"] and args.repeats == 3 and args.p == 2
+    assert (SIZES["mid"].config.n_layer, SIZES["mid"].config.n_embd) == (6, 384)
+    gpt2 = SIZES["gpt2"].config
+    assert (gpt2.n_layer, gpt2.n_embd, gpt2.vocab_size, gpt2.block_size) == (12, 768, 50304, 256)
+    assert [name for name, _, _ in COLUMNS][1:] == ["fwd", "step", "comm_fwd", "comm_step", "fwd/dense",
+                                                   "step/dense", "fwd/torch", "step/torch"]
+
+
+def test_pytorch_plan_names_existing_modules_and_split_qkv_keeps_the_numbers():
+    from fnmatch import fnmatch
+
+    from tputil.bench import dense_model
+    from tputil.bench_torch_tp import split_qkv, torch_tp_plan
+    dense = dense_model(SMOKE.config)
+    split = split_qkv(dense)  # c_attn's q, k and v sections as three Linears: what ColwiseParallel can split
+    idx = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(split(idx)[0], dense(idx)[0], rtol=1e-5, atol=1e-5)
+    names = [name for name, _ in split.named_modules()]
+    for pattern in torch_tp_plan(vocab_parallel=True):
+        assert any(fnmatch(name, pattern) for name in names), pattern
