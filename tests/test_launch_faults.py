@@ -15,6 +15,7 @@ import threading
 import time
 
 import psutil
+import torch
 import pytest
 
 from tputil import launch_demos as demos
@@ -142,3 +143,14 @@ def test_bad_arguments_are_refused_before_anything_starts(no_leftovers):
         run_processes(lambda group: group.rank, 2)
     with pytest.raises(ValueError, match=r"world_size=0: it must be a positive integer"):
         run_processes(demos.hello, 0)
+
+
+def test_arguments_too_big_for_the_store_are_refused_with_what_to_do(no_leftovers):
+    big = torch.zeros(3 * 2**20)  # 12 MiB of float32
+    with pytest.raises(ValueError, match=r"the arguments pickle to 12\.0 MiB.*build large objects inside the rank"):
+        run_processes(demos.hello, 2, big, timeout=30.0)
+
+
+def test_a_result_too_big_for_the_store_is_a_clear_error_naming_the_rank(no_leftovers):
+    with pytest.raises(RankError, match=r"rank 0's result pickle to 12\.0 MiB"):
+        run_processes(demos.big_result, 2, 3 * 2**20, timeout=30.0)

@@ -46,6 +46,17 @@ from .comm import DistGroup, RankError
 
 _SPEC_ENV = "TPUTIL_LAUNCH_SPEC"
 _JOB, _RESULT = "tputil/job", "tputil/result/"
+# Arguments and results travel through the TCP store, which drops a message over 8 MiB (torch 2.13).
+_STORE_LIMIT = 8 * 2**20 - 2**16
+
+
+def _fits_store(payload: bytes, what: str) -> bytes:
+    """payload itself, or a ValueError saying what to do when it is too big for the store."""
+    if len(payload) > _STORE_LIMIT:
+        raise ValueError(f"{what} pickle to {len(payload) / 2**20:.1f} MiB, over the {_STORE_LIMIT / 2**20:.1f} MiB "
+                         f"that run_processes can pass through its TCP store: build large objects inside the "
+                         f"rank function (for example from a seed), or pass a file path instead")
+    return payload
 # the child first takes the parent's sys.path (so it finds what the parent finds), then starts
 _BOOT = (f"import json, os, sys; sys.path[:] = json.loads(os.environ['{_SPEC_ENV}'])['sys_path']; "
          f"from tputil.launch import _child_main; _child_main()")
@@ -181,7 +192,7 @@ def run_processes(fn, world_size: int, *args, backend: str | None = None, timeou
     collective_timeout = min(collective_timeout, timeout)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=timeout))  # port 0: the OS picks a free one
-    store.set(_JOB, pickle.dumps((fn, args)))
+    store.set(_JOB, _fits_store(pickle.dumps((fn, args)), "the arguments"))
     spec = dict(world_size=world_size, port=store.port, backend=backend, timeout=timeout,
                 collective_timeout=collective_timeout, sys_path=sys.path, main=_main_to_load(fn),
                 # the ranks share the cores: each gets its share of intra-op threads (as torchrun does),
@@ -318,10 +329,14 @@ def _child_main():
         fn, args = pickle.loads(store.get(_JOB))
         if spec["backend"] == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
+        # start-up may take up to `timeout` (ranks start at different times); the collectives of fn run
+        # on a group of all ranks whose every wait is bounded by collective_timeout
         dist.init_process_group(spec["backend"], store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=spec["collective_timeout"]))
+                                timeout=timedelta(seconds=spec["timeout"]))
+        group = dist.new_group(list(range(world_size)), timeout=timedelta(seconds=spec["collective_timeout"]))
+        value = fn(DistGroup(group), *args)
         # plain pickle copies tensor data into bytes (no shared memory that dies with this process)
-        message = ("ok", pickle.dumps(_to_cpu(fn(DistGroup(), *args))))
+        message = ("ok", _fits_store(pickle.dumps(_to_cpu(value)), f"rank {rank}'s result"))
     except BaseException as exc:  # noqa: B902 - sent to the parent, which raises it
         message = ("error", _failure_kind(exc), traceback.format_exc())
     store.set(f"{_RESULT}{rank}", pickle.dumps(message))

@@ -69,3 +69,8 @@ def report_then_sleep(group, seconds=60.0):
     """Every rank prints "rank r pid n ready", then sleeps outside any collective."""
     print(f"rank {group.rank} pid {os.getpid()} ready", flush=True)
     time.sleep(seconds)
+
+
+def big_result(group, n_floats):
+    """Every rank returns a tensor of n_floats float32 numbers (too big to send back past 8 MiB)."""
+    return torch.zeros(n_floats)
