@@ -1,0 +1,170 @@
+"""The tensor-parallel GPT on real processes: the rank functions that chapter 8 runs.
+
+Derived in chapter 8 (real processes). `launch.run_processes` starts fresh Python processes
+that find the function they run by module and name, so a chapter's rank functions live here and
+not in notebook cells. Each is plain SPMD code on a `Group`: `comm.run_threads` runs it
+unchanged (that is the chapter's point: same code, same numbers), and so do the tests.
+
+- `tp_forward(group, dense, idx, targets)`: this rank's `TPGPT` built from the dense model, one
+  forward pass, with its logits, loss and collectives counted.
+- `timed_all_reduces(group)`: a context manager that records when each all-reduce of this rank
+  starts and ends.
+- `time_forward(model, idx, group=...)`: median seconds per forward pass, the slowest rank's.
+- `profile_forward(model, idx)`: torch.profiler's table of one forward pass, with its op names.
+- `tp_tour(group, dense, idx, targets, timing_runs, reps)`: all of chapter 8's work on real
+  ranks in one call (starting processes costs seconds): the forward, what the launcher told this
+  process, timings of the TP forward for each (config, B, T) in `timing_runs`, and a profile on
+  rank 0.
+
+The arguments and results of `run_processes` travel through its rendezvous store, which takes
+messages of a few MiB at most (8 MiB in torch 2.13): the chapter's model (220 K parameters)
+travels whole, but the larger models that are only timed are built on every rank from a seed,
+as a real program builds or loads its shard on each rank instead of sending it.
+"""
+
+import os
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from .model import GPT
+from .tp_model import TPGPT
+
+_rng_lock = threading.Lock()
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def tp_forward(group, dense, idx, targets=None):
+    """This rank's slice of `dense` (a `model.GPT`), one forward pass without gradients.
+
+    Returns a dict: rank, world_size, logits (B, T, V) and loss (replicated: every rank holds all),
+    calls and bytes (this rank's collectives in the pass, as `CommStats` counts them) and shapes
+    (the shape of each collective's input, in call order).
+    """
+    model = TPGPT.from_dense(dense, group=group).eval()
+    with torch.no_grad(), group.stats.measure() as m:
+        logits, loss = model(idx, targets)
+    return dict(rank=group.rank, world_size=group.world_size, logits=logits, loss=loss,
+                calls=dict(m.calls), bytes=dict(m.bytes), shapes=[r.shape for r in m.log])
+
+
+@contextmanager
+def timed_all_reduces(group):
+    """Time every all-reduce `group` makes inside the block; yields a list of (start, end), one per call.
+
+    start and end are `time.perf_counter()` readings. The wrapper sits on the group's
+    `_all_reduce` (the backend's part, below the counting), so what is timed is this rank's wait
+    inside the collective: the transfer, plus any time spent waiting for a slower rank to arrive.
+    At world_size 1 (and for a `SingleGroup`) nothing is called, and the list stays empty.
+    """
+    inner, spans = getattr(group, "_all_reduce", None), []
+    if inner is None:  # a SingleGroup: it never communicates
+        yield spans
+        return
+
+    def timed(t, op):
+        start = time.perf_counter()
+        out = inner(t, op)
+        spans.append((start, time.perf_counter()))
+        return out
+
+    group._all_reduce = timed
+    try:
+        yield spans
+    finally:
+        del group._all_reduce  # the class's method again
+
+
+def time_forward(model, idx, *, group=None, reps=20, warmup=3):
+    """Median seconds per forward pass of `model` on `idx` (no gradients), the slowest rank's.
+
+    With a group of several ranks every rank must call it (each forward communicates): a
+    broadcast lines the ranks up before each timed pass, and an all-reduce (max) of the elapsed
+    times gives each pass the time of its slowest rank, the time the pass really took. Those
+    extra collectives are outside the timed region. Returns the same number on every rank.
+    """
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"reps={reps} must be >= 1 and warmup={warmup} >= 0")
+    times = []
+    with torch.no_grad():
+        for _ in range(warmup):
+            model(idx)
+        for _ in range(reps):
+            if group is not None:
+                group.broadcast(torch.zeros(1), src=0)  # start together
+            start = time.perf_counter()
+            model(idx)
+            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+            if group is not None:
+                elapsed = group.all_reduce(elapsed, op="max")  # the slowest rank's time
+            times.append(elapsed.item())
+    return statistics.median(times)
+
+
+def profile_forward(model, idx, *, row_limit=12):
+    """torch.profiler on the CPU around one forward pass: (its table as text, the names of its ops).
+
+    The table lists the ops that took the most time in total, children included; the op names
+    (every op the profiler saw, e.g. aten::addmm, or gloo's all-reduce) let a caller check what
+    ran without reading times.
+    """
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(idx)
+    events = prof.key_averages()
+    table = events.table(sort_by="cpu_time_total", row_limit=row_limit, max_name_column_width=36)
+    return table, sorted({e.key for e in events})
+
+
+def seeded_gpt_and_batch(config, B, T, *, seed=0):
+    """A dense GPT (GPT-2's init) and a (B, T) batch of random tokens, the same on every rank for a seed.
+
+    The global random state is left as it was (also when the ranks are threads of one process).
+    """
+    with _rng_lock:
+        state = torch.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            dense = GPT(config).eval()
+        finally:
+            torch.set_rng_state(state)
+    idx = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+    return dense, idx
+
+
+def tp_tour(group, dense, idx, targets, timing_runs=(), reps=20):
+    """Chapter 8 on real ranks, in one call: the forward, the environment, timings and a profile.
+
+    Returns a dict: "forward" (`tp_forward`'s result), "env" (the torchrun-style variables this
+    process was started with, None where unset), "pid", "backend", "threads" (torch's intra-op
+    threads), and "timing": for each (config, B, T) in `timing_runs`, the median seconds of the TP
+    forward of `seeded_gpt_and_batch(config, B, T)` (`time_forward`), and one more pass timed on
+    its own: "one_pass" seconds, and "all_reduces", the (start, end) of each all-reduce in seconds
+    from the start of that pass; "profile": rank 0's `profile_forward` of the TP model
+    of `dense` (None on the other ranks, which run the pass too).
+    """
+    out = dict(forward=tp_forward(group, dense, idx, targets), pid=os.getpid(),
+               backend=getattr(group, "backend", None), threads=torch.get_num_threads(),
+               env={k: os.environ.get(k) for k in TORCHRUN_VARIABLES}, timing=[])
+    for config, B, T in timing_runs:
+        timing_dense, timing_idx = seeded_gpt_and_batch(config, B, T)
+        model = TPGPT.from_dense(timing_dense, group=group).eval()
+        seconds = time_forward(model, timing_idx, group=group, reps=reps)
+        with torch.no_grad(), timed_all_reduces(group) as spans:
+            group.broadcast(torch.zeros(1), src=0)  # start together
+            start = time.perf_counter()
+            model(timing_idx)
+            total = time.perf_counter() - start
+        out["timing"].append(dict(forward=seconds, one_pass=total,
+                                  all_reduces=[(a - start, b - start) for a, b in spans]))
+    model = TPGPT.from_dense(dense, group=group).eval()
+    if group.rank == 0:
+        out["profile"] = profile_forward(model, idx)
+    else:
+        with torch.no_grad():
+            model(idx)
+        out["profile"] = None
+    return out

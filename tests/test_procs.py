@@ -1,0 +1,134 @@
+"""tputil.procs, chapter 8's rank functions: on threads (fast) and once on two real processes.
+
+The chapter's claim is "same code, same numbers": the rank functions run unchanged on
+`run_threads` and on `run_processes`, and at p = 2 the two agree bit for bit (each rank does the
+same arithmetic, and an all-reduce of two addends is a + b in either order). The real-process
+test spawns once (a few seconds) and checks that, the counts and the environment together.
+"""
+
+import os
+import time
+
+import pytest
+import torch
+
+from tp_helpers import FLOAT32, make_gpt
+from tputil import procs
+from tputil.comm import SingleGroup, run_threads
+from tputil.launch import run_processes
+from tputil.model import GPTConfig
+
+TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
+
+
+def _batch(n_vocab=64, B=2, T=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, n_vocab, (B, T), generator=g), torch.randint(0, n_vocab, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("p", [1, 2, 4])
+def test_tp_forward_matches_dense_and_counts_two_all_reduces_per_layer(p):
+    dense = make_gpt().eval()
+    idx, targets = _batch()
+    with torch.no_grad():
+        logits, loss = dense(idx, targets)
+    results = run_threads(procs.tp_forward, p, dense, idx, targets)
+    L, (B, T), C = dense.config.n_layer, idx.shape, dense.config.n_embd
+    for r, out in enumerate(results):
+        assert (out["rank"], out["world_size"]) == (r, p)
+        torch.testing.assert_close(out["logits"], logits, **FLOAT32)
+        torch.testing.assert_close(out["loss"], loss, **FLOAT32)
+        if p == 1:
+            assert out["calls"] == {} and out["shapes"] == []
+        else:
+            assert out["calls"] == {"all_reduce": 2 * L}
+            assert out["bytes"] == {"all_reduce": 2 * L * B * T * C * 4}
+            assert out["shapes"] == [(B, T, C)] * (2 * L)
+        assert torch.equal(out["logits"], results[0]["logits"])  # the same bits on every rank
+
+
+def _three_collectives_timed(group):
+    with procs.timed_all_reduces(group) as spans:
+        group.all_reduce(torch.ones(3))
+        group.all_gather(torch.ones(3))  # not an all-reduce: not timed
+        group.all_reduce(torch.ones(3), op="max")
+    assert "_all_reduce" not in vars(group)  # the class's method again
+    return spans
+
+
+def test_timed_all_reduces_records_each_call_and_restores_the_group():
+    for spans in run_threads(_three_collectives_timed, 2):
+        assert len(spans) == 2 and all(a <= b for a, b in spans) and spans[0][1] <= spans[1][0]
+    single = SingleGroup()
+    with procs.timed_all_reduces(single) as spans:
+        single.all_reduce(torch.ones(1))
+    assert spans == []  # one rank: nothing is called
+
+
+def test_timed_all_reduces_restores_the_group_after_an_error():
+    group = SingleGroup()
+    with pytest.raises(RuntimeError, match="boom"):
+        with procs.timed_all_reduces(group):
+            raise RuntimeError("boom")
+    assert "_all_reduce" not in vars(group)
+
+
+def test_time_forward_is_positive_and_the_same_on_every_rank():
+    dense, idx = procs.seeded_gpt_and_batch(TINY, 2, 8)
+    assert procs.time_forward(dense, idx, reps=2, warmup=0) > 0
+    from tputil.tp_model import TPGPT
+    times = run_threads(lambda g: procs.time_forward(TPGPT.from_dense(dense, group=g), idx, group=g, reps=3), 2)
+    assert times[0] == times[1] > 0
+    with pytest.raises(ValueError, match="reps=0 must be >= 1"):
+        procs.time_forward(dense, idx, reps=0)
+
+
+def test_seeded_gpt_and_batch_is_reproducible_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    (a, x), (b, y) = procs.seeded_gpt_and_batch(TINY, 2, 8), procs.seeded_gpt_and_batch(TINY, 2, 8)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(x, y) and x.shape == (2, 8)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    c, _ = procs.seeded_gpt_and_batch(TINY, 2, 8, seed=1)
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+
+
+def test_profile_forward_sees_the_matmuls():
+    dense, idx = procs.seeded_gpt_and_batch(TINY, 2, 8)
+    table, names = procs.profile_forward(dense, idx)
+    assert "aten::addmm" in names or "aten::mm" in names
+    assert "Self CPU" in table
+
+
+def test_tp_tour_on_threads():
+    dense = make_gpt().eval()
+    idx, targets = _batch()
+    out = run_threads(procs.tp_tour, 2, dense, idx, targets, [(TINY, 2, 8)], 2)
+    for r, o in enumerate(out):
+        assert o["forward"]["rank"] == r and o["pid"] == os.getpid() and o["backend"] is None
+        (timing,) = o["timing"]
+        assert timing["forward"] > 0 and len(timing["all_reduces"]) == 2 * TINY.n_layer
+        assert all(0 <= a <= b for a, b in timing["all_reduces"])
+    assert out[0]["profile"] is not None and out[1]["profile"] is None
+    assert any("all_reduce" in name or "Reduce" in name for name in out[0]["profile"][1])
+
+
+def test_on_two_real_processes_the_same_bits_as_on_threads():
+    dense = make_gpt().eval()
+    idx, targets = _batch()
+    threads = run_threads(procs.tp_forward, 2, dense, idx, targets)
+    start = time.monotonic()
+    real = run_processes(procs.tp_tour, 2, dense, idx, targets, [(TINY, 2, 8)], 2, backend="gloo", timeout=120.0)
+    assert time.monotonic() - start < 120.0
+    for r, (o, t) in enumerate(zip(real, threads)):
+        f = o["forward"]
+        assert torch.equal(f["logits"], t["logits"]) and torch.equal(f["loss"], t["loss"])
+        assert f["calls"] == t["calls"] == {"all_reduce": 2 * dense.config.n_layer}
+        assert f["bytes"] == t["bytes"] and f["shapes"] == t["shapes"]
+        assert o["backend"] == "gloo" and o["pid"] != os.getpid()
+        assert o["env"]["RANK"] == o["env"]["LOCAL_RANK"] == str(r) and o["env"]["WORLD_SIZE"] == "2"
+        assert o["env"]["MASTER_ADDR"] == "127.0.0.1" and o["env"]["MASTER_PORT"].isdigit()
+        assert len(o["timing"][0]["all_reduces"]) == 2 * TINY.n_layer
+    names = real[0]["profile"][1]
+    assert any("all_reduce" in n or "allreduce" in n for n in names)
