@@ -41,9 +41,14 @@ def test_train_help_lists_the_flags(capsys):
         assert flag in train_help
 
 
-def test_train_under_torchrun_on_two_processes_matches_the_dense_loss():
+@pytest.mark.parametrize("flags, head, comm", [
+    ([], "", "8 all-reduces (4 per layer)"),
+    (["--vocab-parallel"], "vocabulary parallel: the embedding, the tied head and the loss are sharded",
+     "13 all-reduces (4 per layer and 5 for the embedding, head and loss)"),
+])
+def test_train_under_torchrun_on_two_processes_matches_the_dense_loss(flags, head, comm):
     out = run(TORCHRUN + ["--nproc-per-node", "2", "-m", "tputil", "train", "--steps", "5", "--n-layer", "2",
-                          "--n-embd", "32", "--block-size", "32", "--batch-size", "4"])
+                          "--n-embd", "32", "--block-size", "32", "--batch-size", "4", *flags])
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [ROW.match(line) for line in out.stdout.splitlines()]
     rows = [tuple(float(x) for x in m.groups()) for m in rows if m]
@@ -53,7 +58,8 @@ def test_train_under_torchrun_on_two_processes_matches_the_dense_loss():
         assert gap <= loss_tolerance(torch.float32, int(step) - 1)
     assert rows[-1][1] < rows[0][1]  # it trains
     assert "tensor parallel over p=2 process(es), backend gloo" in out.stdout
-    assert "8 all-reduces (4 per layer)" in out.stdout
+    assert head in out.stdout and ("vocabulary parallel" in out.stdout) == bool(flags)
+    assert comm in out.stdout
     assert out.stdout.count("summary:") == 1
     assert "OK: the TP loss matched the dense loss at every step" in out.stdout
 

@@ -36,6 +36,7 @@ from .launch import default_backend
 from .model import GPT, GPTConfig
 from .shard import divisors
 from .tp_model import TPGPT
+from .tp_vocab import VocabParallelTPGPT
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=["gloo", "nccl"], default=None,
                      help="torch.distributed backend under torchrun (default: nccl if every process can have its own "
                           "GPU, else gloo)")
+    run.add_argument("--vocab-parallel", action="store_true",
+                     help="shard the embedding, the tied head and the loss over the vocabulary (chapter 10) "
+                          "instead of replicating them")
     run.add_argument("--timeout", type=float, default=60.0,
                      help="seconds a rank waits for the others (start-up, each collective) (default 60)")
 
@@ -188,7 +192,8 @@ def build_models(config, args, ctx):
     """The dense GPT, the same on every rank (seeded), and this rank's slice of it."""
     torch.manual_seed(args.seed)
     dense = GPT(config).to(device=ctx.device, dtype=DTYPES[args.dtype])
-    return dense, TPGPT.from_dense(dense, group=ctx.group)
+    tp = VocabParallelTPGPT if args.vocab_parallel else TPGPT
+    return dense, tp.from_dense(dense, group=ctx.group)
 
 
 def describe(config, args, ctx, dense):
@@ -197,6 +202,8 @@ def describe(config, args, ctx, dense):
             f"{args.dtype}")
     ctx.say(f"tensor parallel over p={ctx.world_size} process(es), backend {ctx.backend}; the dense reference "
             f"runs on rank 0")
+    if args.vocab_parallel:
+        ctx.say("vocabulary parallel: the embedding, the tied head and the loss are sharded over the vocabulary")
 
 
 # ------------------------------------------------------------------------------- commands
@@ -231,8 +238,10 @@ def cmd_train(args, config, ctx) -> int:
     ctx.say(f"summary: {args.steps} steps; TP loss {losses[0]:.4f} -> {losses[-1]:.4f}, dense "
             f"{dense_losses[0]:.4f} -> {dense_losses[-1]:.4f}; largest |TP - dense| = {gaps[worst]:.1e} "
             f"(step {worst + 1}), tolerance {tolerance}")
-    ctx.say(f"communication per training step on each rank: {calls} all-reduces ({calls / config.n_layer:g} per "
-            f"layer), {nbytes / 2**20:.2f} MiB; {1000 * seconds:.1f} ms per TP step")
+    where = (f"4 per layer and {calls - 4 * config.n_layer} for the embedding, head and loss" if args.vocab_parallel
+             else f"{calls / config.n_layer:g} per layer")
+    ctx.say(f"communication per training step on each rank: {calls} all-reduces ({where}), "
+            f"{nbytes / 2**20:.2f} MiB; {1000 * seconds:.1f} ms per TP step")
     if bad:
         ctx.say(f"MISMATCH: the TP loss left the dense loss at {len(bad)} step(s), first at step {bad[0] + 1}. "
                 f"A gap at the first steps is a bug; one that appears late and then grows fast is training "
