@@ -5,15 +5,23 @@ pieces, runs it next to the dense reference, and returns how far apart they are.
 derive each mistake where it arises; chapter 7 gathers them in one table.
 """
 
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .comm import run_threads
+from .layers import RowParallelLinear
+from .model import MLP, CausalSelfAttention, GPTConfig
+from .shard import shard_tensor
+from .tp_model import TPMLP, TPCausalSelfAttention
+
+
+def _max_error(outs, y) -> float:
+    """The largest absolute difference between any rank's output and the dense output y."""
+    return max((out - y).abs().max().item() for out in outs)
+
+
 # --- chapter 3: parallel linear layers ---
-
-import torch  # noqa: E402 - each chapter's section imports what it uses
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-from .comm import run_threads  # noqa: E402
-from .layers import RowParallelLinear  # noqa: E402
-from .shard import shard_tensor  # noqa: E402
 
 
 def _linear_and_input(seed, in_features=48, out_features=16, rows=6):
@@ -49,18 +57,9 @@ def row_parallel_bias_on_every_rank(p: int = 2, seed: int = 0) -> float:
     with torch.no_grad():
         y = linear(x)
         outs = run_threads(rank, p)
-    return max((out - y).abs().max().item() for out in outs)
+    return _max_error(outs, y)
 
 # --- chapter 4: the MLP ---
-
-import torch  # noqa: E402 - each chapter's section imports what it uses
-from torch.nn import functional as F  # noqa: E402
-
-from .comm import run_threads  # noqa: E402
-from .model import MLP, CausalSelfAttention, GPTConfig  # noqa: E402
-from .shard import shard_tensor  # noqa: E402
-from .tp_model import TPCausalSelfAttention  # noqa: E402
-
 
 def _dense_and_input(make, config, seed, batch=2, time=8):
     """make(config) and an input x (batch, time, n_embd), both drawn from `seed`; global RNG untouched."""
@@ -69,6 +68,16 @@ def _dense_and_input(make, config, seed, batch=2, time=8):
         module = make(config)
         x = torch.randn(batch, time, config.n_embd)
     return module, x
+
+
+def _mlp_case(seed):
+    """Chapter 4's dense MLP (n_embd 48, so p must divide 48) and its input."""
+    return _dense_and_input(MLP, GPTConfig(n_embd=48, n_head=1), seed)
+
+
+def _attention_case(seed):
+    """Chapter 5's dense attention (n_embd 48, n_head 6, so p must divide 6) and its input."""
+    return _dense_and_input(CausalSelfAttention, GPTConfig(n_embd=48, n_head=6), seed)
 
 
 def mlp_split_before_gelu(p: int = 2, seed: int = 0) -> float:
@@ -82,7 +91,7 @@ def mlp_split_before_gelu(p: int = 2, seed: int = 0) -> float:
     difference from the dense `model.MLP` (n_embd 48, so p must divide 48; p = 1 splits nothing
     and returns 0). The correct split (`tp_model.TPMLP`) stays within float32 rounding, ~1e-7.
     """
-    mlp, x = _dense_and_input(MLP, GPTConfig(n_embd=48, n_head=1), seed)
+    mlp, x = _mlp_case(seed)
 
     def rank(group):
         r = group.rank
@@ -96,7 +105,7 @@ def mlp_split_before_gelu(p: int = 2, seed: int = 0) -> float:
     with torch.no_grad():
         y = mlp(x)
         outs = run_threads(rank, p)
-    return max((out - y).abs().max().item() for out in outs)
+    return _max_error(outs, y)
 
 
 # --- chapter 5: attention ---
@@ -111,7 +120,7 @@ def attention_contiguous_qkv_split(p: int = 2, seed: int = 0) -> float:
     Returns the largest absolute difference from the dense `model.CausalSelfAttention` (n_embd 48,
     n_head 6, so p must divide 6; p = 1 splits nothing and returns 0).
     """
-    attn, x = _dense_and_input(CausalSelfAttention, GPTConfig(n_embd=48, n_head=6), seed)
+    attn, x = _attention_case(seed)
 
     def rank(group):
         module = TPCausalSelfAttention.from_dense(attn, group=group)
@@ -122,16 +131,9 @@ def attention_contiguous_qkv_split(p: int = 2, seed: int = 0) -> float:
     with torch.no_grad():
         y = attn(x)
         outs = run_threads(rank, p)
-    return max((out - y).abs().max().item() for out in outs)
+    return _max_error(outs, y)
 
 # --- chapter 7: the table of controls ---
-
-from .tp_model import TPMLP  # noqa: E402
-
-
-def _max_error(outs, y) -> float:
-    return max((out - y).abs().max().item() for out in outs)
-
 
 def row_parallel_bias_once(p: int = 2, seed: int = 0) -> float:
     """The correct counterpart of `row_parallel_bias_on_every_rank`, on the same layer and input.
@@ -155,7 +157,7 @@ def mlp_split_after_gelu(p: int = 2, seed: int = 0) -> float:
     `tp_model.TPMLP`: c_fc by columns, so GELU acts on final values, then c_proj by rows and one
     all-reduce. Returns the largest absolute difference from the dense MLP: float32 rounding only.
     """
-    mlp, x = _dense_and_input(MLP, GPTConfig(n_embd=48, n_head=1), seed)  # as mlp_split_before_gelu
+    mlp, x = _mlp_case(seed)  # the very case mlp_split_before_gelu uses
     with torch.no_grad():
         return _max_error(run_threads(lambda g: TPMLP.from_dense(mlp, group=g)(x), p), mlp(x))
 
@@ -166,7 +168,7 @@ def attention_split_by_heads(p: int = 2, seed: int = 0) -> float:
     `tp_model.TPCausalSelfAttention`: c_attn's rows sliced with stride 3, so each rank holds the
     q, k and v of its own heads. Returns the largest absolute difference: float32 rounding only.
     """
-    attn, x = _dense_and_input(CausalSelfAttention, GPTConfig(n_embd=48, n_head=6), seed)  # as the mistake
+    attn, x = _attention_case(seed)  # the very case the mistake uses
     with torch.no_grad():
         return _max_error(run_threads(lambda g: TPCausalSelfAttention.from_dense(attn, group=g)(x), p), attn(x))
 
