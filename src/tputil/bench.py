@@ -10,6 +10,8 @@ from a fixed seed (biases and norms perturbed so that a misplaced one shows), an
 - `ours, replicated head`: `tp_model.TPGPT.from_dense`;
 - `ours, vocab head`: `tp_vocab.VocabParallelTPGPT.from_dense` (the logits stay sharded);
 - `ours, vocab head + overlap`: the same model run by `overlap.overlapped_forward`;
+- `ours, ... , shm` (replicated or vocab head): the same models on a `comm.ShmGroup`, whose
+  all-reduces go through shared memory instead of gloo's sockets (same results, bit for bit at p = 2);
 - `torch TP, replicated head` and `torch TP, vocab + loss_parallel`: `parallelize_module` on the
   same dense model (`bench_torch_tp`); the latter is PyTorch's best plan for this model.
 
@@ -27,7 +29,7 @@ the dense model's after the same step (so the gradients were right). Tolerances 
 bug (a wrong q/k/v split, a bias added twice) moves them by 1e-2 or more. A failure raises
 `BenchCorrectnessError` and nothing is timed.
 
-Time inside collectives: ours with `TimedGroup`, call by call; PyTorch's from the profiler during
+Time inside collectives: ours with `TimedGroup` (`TimedShmGroup`), call by call; PyTorch's from the profiler during
 the guard's step and second forward (its `_c10d_functional` ops, launches and waits), so the two
 are comparable only roughly.
 """
@@ -45,7 +47,7 @@ import torch.distributed as dist
 
 from . import bench_report
 from .bench_torch_tp import local_value
-from .comm import DistGroup
+from .comm import DistGroup, ShmGroup
 from .model import GPT, GPTConfig
 
 LOGITS_TOL = dict(rtol=1e-4, atol=1e-4)
@@ -72,6 +74,8 @@ VARIANTS = {  # key -> (label, the PyTorch variant it is compared with)
     "ours_rep": ("ours, replicated head", "torch_rep"),
     "ours_vocab": ("ours, vocab head", "torch_vocab"),
     "ours_overlap": ("ours, vocab head + overlap", "torch_vocab"),
+    "ours_rep_shm": ("ours, replicated head, shm", "torch_rep"),
+    "ours_vocab_shm": ("ours, vocab head, shm", "torch_vocab"),
     "torch_rep": ("torch TP, replicated head", None),
     "torch_vocab": ("torch TP, vocab + loss_parallel", None),
 }
@@ -87,11 +91,11 @@ class BenchCorrectnessError(AssertionError):
     """A variant's logits or loss differ from the dense model's: its timing would be worthless."""
 
 
-class TimedGroup(DistGroup):
-    """A DistGroup that records the wall time spent inside each collective in `durations` (seconds)."""
+class _Timed:
+    """Mixed into a DistGroup kind: records the wall time spent inside each collective in `durations` (s)."""
 
-    def __init__(self, process_group=None):
-        super().__init__(process_group)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.durations = []
 
     def record_seconds(self, seconds):
@@ -116,6 +120,14 @@ class TimedGroup(DistGroup):
 
     def _broadcast(self, t, src):
         return self._timed(super()._broadcast, t, src)
+
+
+class TimedGroup(_Timed, DistGroup):
+    """DistGroup, timed."""
+
+
+class TimedShmGroup(_Timed, ShmGroup):
+    """ShmGroup, timed."""
 
 
 def check_close(what, got, want, tol):
@@ -164,6 +176,7 @@ class _Runner:
     forward: object
     step: object
     full_logits: object
+    group: object = None  # ours: the TimedGroup or TimedShmGroup whose durations are its comm time
     torch_tp: bool = False
 
 
@@ -177,7 +190,7 @@ def _train_step(forward, optimizer):
     return step
 
 
-def _build(key, dense, group, mesh, *, sabotage=None) -> _Runner:
+def _build(key, dense, groups, mesh, *, sabotage=None) -> _Runner:
     from . import bench_torch_tp as btp
     from .layers import ColumnParallelLinear
     from .overlap import overlapped_forward
@@ -190,7 +203,8 @@ def _build(key, dense, group, mesh, *, sabotage=None) -> _Runner:
         opt = _optimizer(model)
         return _Runner(lambda x, y: btp.forward_loss(model, x, y), lambda x, y: btp.train_step(model, opt, x, y),
                        btp.full_logits, torch_tp=True)
-    model = (TPGPT if key == "ours_rep" else VocabParallelTPGPT).from_dense(dense, group=group)
+    group = groups["shm" if key.endswith("_shm") else "gloo"]
+    model = (TPGPT if key.startswith("ours_rep") else VocabParallelTPGPT).from_dense(dense, group=group)
     if sabotage == key:  # deliberately wrong: c_attn cut into contiguous rows instead of per q/k/v section
         for block, dense_block in zip(model.transformer.h, dense.transformer.h):
             block.attn.c_attn = ColumnParallelLinear.from_dense(dense_block.attn.c_attn, group=group, stride=1)
@@ -198,7 +212,8 @@ def _build(key, dense, group, mesh, *, sabotage=None) -> _Runner:
     if key == "ours_overlap":  # see OVERLAP_CHUNKS
         forward = partial(overlapped_forward, model, chunks=OVERLAP_CHUNKS[0])
         train_forward = partial(overlapped_forward, model, chunks=OVERLAP_CHUNKS[1])
-    return _Runner(forward, _train_step(train_forward, _optimizer(model)), getattr(model, "gather_logits", lambda t: t))
+    return _Runner(forward, _train_step(train_forward, _optimizer(model)), getattr(model, "gather_logits", lambda t: t),
+                   group)
 
 
 def _sync(device):
@@ -211,14 +226,14 @@ def _torch_comm_seconds(prof):
                if e.name.startswith("_c10d_functional::") and "wrap_tensor" not in e.name) / 1e6
 
 
-def _bench_size(size, group, mesh, repeats, seed, variants, sabotage, device, threads):
+def _bench_size(size, groups, mesh, repeats, seed, variants, sabotage, device, threads):
     """One model size on this rank: build, guard, then interleaved timed rounds; returns the raw timings."""
     from torch.profiler import ProfilerActivity, profile
-    rank, p = group.rank, group.world_size
+    rank, p = groups["gloo"].rank, groups["gloo"].world_size
     dense = dense_model(size.config, seed, device)
     x, y = _batch(size, seed, device)
     keys = [k for k in variants if rank == 0 or not k.startswith("dense")]  # dense ones run on rank 0 only
-    runners = {k: _build(k, dense, group, mesh, sabotage=sabotage) for k in keys if k != "dense1"}
+    runners = {k: _build(k, dense, groups, mesh, sabotage=sabotage) for k in keys if k != "dense1"}
     if "dense1" in keys:
         runners["dense1"] = runners["dense"]  # the same model and optimizer, on 1 thread
     raw = {k: {m: [] for m in ("fwd", "step", "comm_fwd", "comm_step", "calls_fwd", "calls_step")} for k in variants}
@@ -228,7 +243,8 @@ def _bench_size(size, group, mesh, repeats, seed, variants, sabotage, device, th
         dist.barrier()  # the ranks that sit out a dense run wait here, idle
         if key not in runners:
             return None
-        r, n0 = runners[key], len(group.durations)
+        r = runners[key]
+        n0 = len(r.group.durations) if r.group else 0
         torch.set_num_threads({"dense": threads * p, "dense1": 1}.get(key, threads))
         with torch.no_grad() if phase == "fwd" else torch.enable_grad():
             with profile(activities=[ProfilerActivity.CPU]) if profiled else nullcontext() as prof:
@@ -237,7 +253,7 @@ def _bench_size(size, group, mesh, repeats, seed, variants, sabotage, device, th
                 _sync(device)
                 seconds = time.perf_counter() - start
         torch.set_num_threads(threads)
-        calls = group.durations[n0:]
+        calls = r.group.durations[n0:] if r.group else []
         if profiled:
             raw[key]["comm_" + phase].append(_torch_comm_seconds(prof))
         if record:
@@ -284,9 +300,11 @@ def _worker(group, sizes, repeats, seed, variants, sabotage):
     """Every rank: the whole benchmark; returns {size name: {variant: {measure: [per run]}}, "_info": ...}."""
     from torch.distributed.device_mesh import init_device_mesh
     device, threads = group.device, torch.get_num_threads()
-    group = TimedGroup()
+    groups = dict(gloo=TimedGroup())
+    if any(k.endswith("_shm") for k in variants):
+        groups["shm"] = TimedShmGroup(timeout=600.0)
     mesh = init_device_mesh(device.type, (group.world_size,))
-    out = {s.name: _bench_size(s, group, mesh, repeats, seed, variants, sabotage, device, threads) for s in sizes}
+    out = {s.name: _bench_size(s, groups, mesh, repeats, seed, variants, sabotage, device, threads) for s in sizes}
     out["_info"] = dict(backend=group.backend, threads=threads)
     return out
 
@@ -322,12 +340,14 @@ def run_bench(sizes=("tiny", "mid", "gpt2"), repeats: int = 3, *, seed: int = 0,
     little. Our ranks run 1 thread each, which no policy affects. `_sabotage` (a variant key)
     mis-shards that variant on purpose, to show that the guard stops it.
     """
-    from .launch import run_processes
+    from .launch import default_backend, run_processes
     sizes = [SIZES[s] if isinstance(s, str) else s for s in sizes]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}: choose from {list(VARIANTS)}")
-    variants = ["dense"] + [k for k in VARIANTS if k in variants and k != "dense"]
+    backend = backend or default_backend(p)
+    variants = ["dense"] + [k for k in VARIANTS if k in variants and k != "dense"
+                            and not (k.endswith("_shm") and backend != "gloo")]  # shm: CPU tensors only
     load_before, start = _loadavg(), time.perf_counter()
     saved = os.environ.get("OMP_WAIT_POLICY")
     if omp_wait_policy:

@@ -42,7 +42,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .comm import DistGroup, RankError
+from .comm import DistGroup, RankError, ShmGroup
 
 _SPEC_ENV = "TPUTIL_LAUNCH_SPEC"
 _JOB, _RESULT = "tputil/job", "tputil/result/"
@@ -177,10 +177,11 @@ def _stop(ranks, grace: float = 2.0):
 # ----------------------------------------------------------------------------- the parent's side
 
 def run_processes(fn, world_size: int, *args, backend: str | None = None, timeout: float = 60.0,
-                  collective_timeout: float = 30.0, echo: bool = True) -> list:
+                  collective_timeout: float = 30.0, echo: bool = True, shm: bool = False) -> list:
     """fn(DistGroup(), *args) on world_size new processes; returns each rank's result, in rank order.
 
     backend None picks `default_backend(world_size)`. Tensors in the results come back on the CPU.
+    shm: hand fn a `ShmGroup` instead, whose all-reduces go through shared memory (CPU only).
     `timeout` bounds the whole call (start-up included); `collective_timeout` how long a rank may
     wait inside one collective for the others (at most `timeout`). echo: show what the ranks print.
     Errors: RankError naming the rank that failed or died (see the module docstring), TimeoutError.
@@ -194,7 +195,7 @@ def run_processes(fn, world_size: int, *args, backend: str | None = None, timeou
                           timeout=timedelta(seconds=timeout))  # port 0: the OS picks a free one
     store.set(_JOB, _fits_store(pickle.dumps((fn, args)), "the arguments"))
     spec = dict(world_size=world_size, port=store.port, backend=backend, timeout=timeout,
-                collective_timeout=collective_timeout, sys_path=sys.path, main=_main_to_load(fn),
+                collective_timeout=collective_timeout, sys_path=sys.path, main=_main_to_load(fn), shm=shm,
                 # the ranks share the cores: each gets its share of intra-op threads (as torchrun does),
                 # or their thread teams spin against each other and small ops slow down a hundredfold
                 threads=max(1, _cpus() // world_size))
@@ -291,7 +292,8 @@ def _failure_kind(exc) -> str:
     text = str(exc)
     comm = isinstance(exc, getattr(dist, "DistError", ())) or (
         isinstance(exc, RuntimeError) and any(s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed",
-                                                                  "Connection reset", "ProcessGroup")))
+                                                                  "Connection reset", "ProcessGroup",
+                                                                  "ShmGroup")))
     if not comm:
         return "own"
     return "timeout" if "Timed out" in text or "timed out" in text else "comm"
@@ -334,7 +336,8 @@ def _child_main():
         dist.init_process_group(spec["backend"], store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=spec["timeout"]))
         group = dist.new_group(list(range(world_size)), timeout=timedelta(seconds=spec["collective_timeout"]))
-        value = fn(DistGroup(group), *args)
+        group = ShmGroup(group, timeout=spec["collective_timeout"]) if spec["shm"] else DistGroup(group)
+        value = fn(group, *args)
         # plain pickle copies tensor data into bytes (no shared memory that dies with this process)
         message = ("ok", _fits_store(pickle.dumps(_to_cpu(value)), f"rank {rank}'s result"))
     except BaseException as exc:  # noqa: B902 - sent to the parent, which raises it

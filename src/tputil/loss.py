@@ -40,7 +40,9 @@ def _layout(logits, group, vocab_start, vocab_size):
 
 
 def _masked(logits, vocab_start, vocab_size):
-    """This rank's logits with the columns of padding ids (>= vocab_size) set to -inf."""
+    """This rank's logits with the columns of padding ids (>= vocab_size) set to -inf (itself if it has none)."""
+    if vocab_start + logits.size(-1) <= vocab_size:
+        return logits
     ids = torch.arange(vocab_start, vocab_start + logits.size(-1), device=logits.device)  # (V/p,) global ids
     return logits.masked_fill(ids >= vocab_size, float("-inf"))
 
@@ -54,7 +56,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         z = _masked(logits.to(dtype), vocab_start, vocab_size)  # (..., V/p)
         n_local = z.size(-1)
         # 1. m = max_j z_j over the whole vocabulary
-        m = group.all_reduce(z.max(dim=-1).values, op="max", tag="vocab_parallel_cross_entropy.max")  # (...)
+        m = group.all_reduce(z.amax(dim=-1), op="max", tag="vocab_parallel_cross_entropy.max")  # (...)
         z = z - m.unsqueeze(-1)  # (..., V/p) all <= 0
         # 2. z_t - m: only the rank owning the target has it; the others contribute 0
         local = targets - vocab_start  # (...) the target's column on this rank, if it is ours
@@ -63,21 +65,21 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         z_t = z.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~owned, 0.0)  # (...)
         z_t = group.all_reduce(z_t, tag="vocab_parallel_cross_entropy.target_logit")  # (...)
         # 3. sum_j exp(z_j - m)
-        exp = z.exp()  # (..., V/p)
+        exp = z.exp_()  # (..., V/p) in place: z is a temporary of ours
         sum_exp = group.all_reduce(exp.sum(dim=-1), tag="vocab_parallel_cross_entropy.sum_exp")  # (...)
         valid = targets != ignore_index
         loss = (sum_exp.log() - z_t).masked_fill(~valid, 0.0)  # (...)
-        softmax = exp.div_(sum_exp.unsqueeze(-1))  # (..., V/p) this rank's columns of softmax(z)
-        ctx.save_for_backward(softmax, local, owned, valid)
+        # softmax = exp / sum_exp is formed in backward: a forward without gradients skips it
+        ctx.save_for_backward(exp, sum_exp, local, owned, valid)
         ctx.logits_dtype = logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local, owned, valid = ctx.saved_tensors
-        grad = softmax.clone()  # (..., V/p) softmax - onehot(target), the onehot only where we own it
-        grad.scatter_add_(-1, local.unsqueeze(-1), -owned.to(grad.dtype).unsqueeze(-1))
-        grad = grad * (grad_loss * valid).unsqueeze(-1)  # ignored positions: no gradient
+        exp, sum_exp, local, owned, valid = ctx.saved_tensors
+        grad = exp / sum_exp.unsqueeze(-1)  # (..., V/p) this rank's columns of softmax(z) ...
+        grad.scatter_add_(-1, local.unsqueeze(-1), -owned.to(grad.dtype).unsqueeze(-1))  # ... - onehot(t), ours
+        grad.mul_((grad_loss * valid).unsqueeze(-1))  # ignored positions: no gradient
         return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 

@@ -8,22 +8,25 @@ A `Group` is passed explicitly to every layer: there is no global state. Three k
   same SPMD function with its own rank. For teaching and debugging inside one notebook kernel; its
   collectives behave like real ones (deterministic rank-order sums, errors instead of hangs).
 - `DistGroup()`: real `torch.distributed` (gloo on CPU, NCCL on GPUs), e.g. under `launch`.
+- `ShmGroup()`: a DistGroup whose all-reduces of CPU tensors between processes of one machine go
+  through shared memory instead of gloo's sockets (chapter 8 measures why).
 
 All collectives are out of place (the input is never modified) and not differentiable by
 themselves (like torch.distributed's); gradients flow through the autograd pairs of `mappings`.
 Every collective that communicates is counted in `group.stats`; see `CommStats`.
 
-One file per concept: group.py (the interface, counting), threads.py, dist.py, mappings.py.
+One file per concept: group.py (the interface, counting), threads.py, dist.py, shm.py, mappings.py.
 Import everything from here: `from tputil.comm import run_threads, copy_to_parallel_region`.
 """
 
 from .dist import DistGroup
 from .group import KINDS, REDUCE_OPS, CallRecord, CommStats, Group, SingleGroup
+from .shm import ShmGroup
 from .mappings import (copy_to_parallel_region, gather_from_parallel_region, reduce_from_parallel_region,
                        scatter_to_parallel_region)
 from .threads import CollectiveAborted, CollectiveError, RankError, ThreadGroup, run_threads
 
-__all__ = ["Group", "SingleGroup", "ThreadGroup", "DistGroup", "run_threads", "CommStats", "CallRecord",
+__all__ = ["Group", "SingleGroup", "ThreadGroup", "DistGroup", "ShmGroup", "run_threads", "CommStats", "CallRecord",
            "CollectiveError", "CollectiveAborted", "RankError", "KINDS", "REDUCE_OPS",
            "copy_to_parallel_region", "reduce_from_parallel_region", "gather_from_parallel_region",
            "scatter_to_parallel_region"]

@@ -1,0 +1,140 @@
+"""All-reduce through shared memory between processes on one machine (chapter 8, "Where the time goes").
+
+gloo moves every CPU tensor through TCP sockets, even between two processes on the same machine:
+each all-reduce is copied into the kernel and out again, several times, by gloo's own threads,
+which on a machine whose cores are all busy computing have to wait for a core. Libraries that run
+tensor parallelism inside one machine avoid the sockets: NCCL between GPUs of one node, and the
+CPU back ends of inference servers, which all-reduce through a shared-memory segment. `ShmGroup`
+does the same for the all-reduces of this book, with plain tensor operations:
+
+- one segment in /dev/shm, mapped by every rank (`torch.from_file(shared=True)`), holds for each of
+  two alternating slots a header (a sequence number, the element count, the op and the dtype) and
+  a buffer per rank;
+- `all_reduce` number n writes this rank's tensor into its buffer of slot n % 2, then its header,
+  the sequence number last; it waits until every rank's header in that slot says n; then every rank
+  adds the p buffers **in rank order** (the order of `ThreadGroup`, so the ranks agree bit for bit,
+  and at p = 2 the sum equals gloo's), into a tensor of its own;
+- two slots suffice: a rank can start call n + 1 only after every rank has published call n, which
+  each does only after it has finished reading call n - 1, the other slot.
+
+Everything else (all-gather, reduce-scatter, broadcast; tensors larger than `capacity_bytes`) goes
+to `torch.distributed` as in `DistGroup`, whose subclass this is: the layers cannot tell the
+difference, and the counts in `group.stats` are the same. A wait longer than `timeout` seconds (a
+rank that died or skipped the call) raises `CollectiveError` naming the ranks that did not arrive;
+ranks that arrive with different sizes, ops or dtypes raise at once. The segment is unlinked as soon
+as every rank has mapped it, so it vanishes with the processes, whatever way they end.
+
+Only for CPU tensors of ranks on the same machine, and only on x86-64, whose memory model keeps
+this rank's stores in program order for the other ranks (the data before the header); on other
+processors use `DistGroup`.
+"""
+
+import os
+import platform
+import socket
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from .dist import DistGroup
+from .threads import CollectiveError
+
+_OPS = {"sum": 1, "max": 2, "min": 3}
+_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32]
+_HEADER = 8  # int64 per (slot, rank): sequence number, numel, op, dtype; padded to a cache line
+_ALIGN = 64
+
+
+class ShmGroup(DistGroup):
+    """A DistGroup whose all-reduces of CPU tensors go through a shared-memory segment (see the module)."""
+
+    def __init__(self, process_group=None, *, capacity_bytes: int = 8 << 20, timeout: float = 30.0):
+        super().__init__(process_group)
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            raise ValueError(f"ShmGroup: this processor ({platform.machine()}) may reorder the stores that "
+                             "ShmGroup relies on; use DistGroup")
+        if self.device.type != "cpu":
+            raise ValueError(f"ShmGroup: the {self.backend} backend works on {self.device}; ShmGroup is for "
+                             "CPU tensors (on GPUs, NCCL already uses the fastest path): use DistGroup")
+        if capacity_bytes <= 0 or capacity_bytes % _ALIGN:
+            raise ValueError(f"capacity_bytes={capacity_bytes}: it must be a positive multiple of {_ALIGN}")
+        hosts = [None] * self.world_size
+        dist.all_gather_object(hosts, socket.gethostname(), group=process_group)
+        if len(set(hosts)) > 1:
+            raise ValueError(f"ShmGroup: the ranks run on different machines {sorted(set(hosts))}; shared "
+                             "memory joins processes of one machine only: use DistGroup")
+        self.capacity_bytes, self.timeout, self._seq = capacity_bytes, timeout, 0
+        p = self.world_size
+        header_bytes = 2 * p * _HEADER * 8
+        self._mapped = self._map_segment(header_bytes + 2 * p * capacity_bytes)
+        self._headers = self._mapped[:header_bytes].view(torch.int64).view(2, p, _HEADER)
+        self._seqs = self._headers.numpy()[:, :, 0]  # (2, p) the same memory; numpy reads it in a microsecond
+        self._buffers = self._mapped[header_bytes:].view(2, p, capacity_bytes)
+
+    def _map_segment(self, nbytes):
+        """Rank 0 creates the file, every rank maps it, rank 0 unlinks it once all have: nothing is left behind."""
+        name = [None]
+        if self.rank == 0:
+            folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            fd, name[0] = tempfile.mkstemp(prefix="tputil-shm-", dir=folder)
+            os.ftruncate(fd, nbytes)
+            os.close(fd)
+        try:
+            dist.broadcast_object_list(name, src=self._global(0), group=self.process_group)
+            mapped = torch.from_file(name[0], shared=True, size=nbytes, dtype=torch.uint8)
+            dist.barrier(group=self.process_group)
+        finally:
+            if self.rank == 0:
+                os.unlink(name[0])
+        return mapped
+
+    def _global(self, rank):
+        return rank if self.process_group is None else dist.get_global_rank(self.process_group, rank)
+
+    def _all_reduce(self, t, op):
+        nbytes = t.numel() * t.element_size()
+        if t.device.type != "cpu" or t.dtype not in _DTYPES or nbytes > self.capacity_bytes:
+            return super()._all_reduce(t, op)
+        self._seq += 1
+        seq, slot, p = self._seq, self._seq % 2, self.world_size
+        n = t.numel()
+        buffers = self._buffers[slot, :, :nbytes].view(t.dtype)  # (p, n)
+        buffers[self.rank].copy_(t.reshape(-1))
+        header = self._headers[slot]
+        header[self.rank, 1:4] = torch.tensor([n, _OPS[op], _DTYPES.index(t.dtype)])
+        header[self.rank, 0] = seq  # last: the others read the data only after they see this
+        self._wait_for(slot, seq)
+        if not bool((header[:, 1:4] == header[self.rank, 1:4]).all()):
+            raise CollectiveError(self._mismatch(header, seq))
+        combine = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}[op]
+        out = combine(buffers[0], buffers[1])  # a tensor of this rank's own, then the others in rank order
+        for r in range(2, p):
+            combine(out, buffers[r], out=out)
+        return out.view(t.shape)
+
+    def _wait_for(self, slot, seq):
+        """Spin until every rank's sequence number in this slot is seq; yield the core when it takes long."""
+        seqs, spins, deadline = self._seqs[slot], 0, None
+        while seqs.min() < seq:
+            spins += 1
+            if spins < 200:
+                continue
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout
+            if spins < 20000:
+                os.sched_yield()  # the core may be the one another rank needs
+            else:
+                time.sleep(1e-4)
+            if time.monotonic() > deadline:
+                missing = [r for r in range(self.world_size) if int(seqs[r]) < seq]
+                raise CollectiveError(f"ShmGroup all_reduce #{seq} on rank {self.rank} timed out after "
+                                      f"{self.timeout}s: ranks {missing} did not arrive (a rank died, is stuck, "
+                                      "or skipped this collective)")
+
+    def _mismatch(self, header, seq):
+        ops = {v: k for k, v in _OPS.items()}
+        calls = [f"rank {r}: {int(h[1])} x {_DTYPES[int(h[3])]} ({ops[int(h[2])]})" for r, h in enumerate(header)]
+        return (f"ShmGroup all_reduce #{seq}: the ranks passed different tensors or ops ({'; '.join(calls)}); "
+                "every rank must call the same collectives, in the same order, with the same shapes")
