@@ -45,6 +45,8 @@ def test_train_help_lists_the_flags(capsys):
     ([], "", "8 all-reduces (4 per layer)"),
     (["--vocab-parallel"], "vocabulary parallel: the embedding, the tied head and the loss are sharded",
      "13 all-reduces (4 per layer and 5 for the embedding, head and loss)"),
+    (["--vocab-parallel", "--shm"], "vocabulary parallel: the embedding, the tied head and the loss are sharded",
+     "13 all-reduces (4 per layer and 5 for the embedding, head and loss)"),
 ])
 def test_train_under_torchrun_on_two_processes_matches_the_dense_loss(flags, head, comm):
     out = run(TORCHRUN + ["--nproc-per-node", "2", "-m", "tputil", "train", "--steps", "5", "--n-layer", "2",
@@ -58,7 +60,8 @@ def test_train_under_torchrun_on_two_processes_matches_the_dense_loss(flags, hea
         assert gap <= loss_tolerance(torch.float32, int(step) - 1)
     assert rows[-1][1] < rows[0][1]  # it trains
     assert "tensor parallel over p=2 process(es), backend gloo" in out.stdout
-    assert head in out.stdout and ("vocabulary parallel" in out.stdout) == bool(flags)
+    assert head in out.stdout and ("vocabulary parallel" in out.stdout) == ("--vocab-parallel" in flags)
+    assert ("backend gloo, all-reduces through shared memory" in out.stdout) == ("--shm" in flags)
     assert comm in out.stdout
     assert out.stdout.count("summary:") == 1
     assert "OK: the TP loss matched the dense loss at every step" in out.stdout
@@ -129,3 +132,12 @@ def test_bench_is_a_sub_command_and_refuses_torchrun(monkeypatch, capsys):
         main(["bench"])
     assert exc.value.code == 2
     assert "python -m tputil bench --p N" in capsys.readouterr().err
+
+
+def test_shm_on_a_gpu_backend_says_what_to_change(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "default_backend", lambda n: "nccl")  # as on a machine with a GPU per process
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--shm", "--steps", "1"])
+    assert info.value.code == 2
+    assert "--shm joins CPU processes, but the backend is nccl (GPUs): drop --shm, or add --backend gloo" in \
+        capsys.readouterr().err

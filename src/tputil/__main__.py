@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from . import bench
 from . import train as tr
-from .comm import DistGroup, SingleGroup
+from .comm import DistGroup, ShmGroup, SingleGroup
 from .launch import default_backend
 from .model import GPT, GPTConfig
 from .shard import divisors
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vocab-parallel", action="store_true",
                      help="shard the embedding, the tied head and the loss over the vocabulary (chapter 10) "
                           "instead of replicating them")
+    run.add_argument("--shm", action="store_true",
+                     help="all-reduce through shared memory instead of gloo's sockets (CPU processes on one machine; "
+                          "chapter 8)")
     run.add_argument("--timeout", type=float, default=60.0,
                      help="seconds a rank waits for the others (start-up, each collective) (default 60)")
 
@@ -173,6 +176,9 @@ def setup(args, parser):
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cpus // local_world_size))  # the processes share the cores
     backend = args.backend or default_backend(local_world_size)  # nccl if each process has a GPU
+    if args.shm and backend != "gloo":
+        _usage_error(parser, rank, f"--shm joins CPU processes, but the backend is {backend} (GPUs): drop --shm, "
+                                   "or add --backend gloo")
     device = torch.device("cpu")
     if backend == "nccl":
         if local_rank >= torch.cuda.device_count():
@@ -182,7 +188,8 @@ def setup(args, parser):
         device = torch.device("cuda", local_rank)
     if launched:
         dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout))
-        group = DistGroup()
+        group = ShmGroup(timeout=args.timeout) if args.shm else DistGroup()
+        backend += ", all-reduces through shared memory" if args.shm else ""
     else:
         backend, group = "none (one process)", SingleGroup(device)
     return config, Context(rank, world_size, group, device, backend)

@@ -15,6 +15,9 @@ unchanged (that is the chapter's point: same code, same numbers), and so do the 
   ranks in one call (starting processes costs seconds): the forward, what the launcher told this
   process, timings of the TP forward for each (config, B, T) in `timing_runs`, and a profile on
   rank 0.
+- `transport_tour(group, dense, idx, targets, ...)`: the same on a `comm.ShmGroup` (run it with
+  `run_processes(..., shm=True)`): the forward, all-reduces timed through gloo and through shared
+  memory, and what a mismatched all-reduce reports.
 
 The arguments and results of `run_processes` travel through its rendezvous store, which takes
 messages of a few MiB at most (8 MiB in torch 2.13): the chapter's model (220 K parameters)
@@ -167,4 +170,40 @@ def tp_tour(group, dense, idx, targets, timing_runs=(), reps=20):
         with torch.no_grad():
             model(idx)
         out["profile"] = None
+    return out
+
+
+def _median_all_reduce_seconds(group, n, reps):
+    """Median seconds of an all-reduce of n float32 numbers on `group`, the slowest rank's (as time_forward)."""
+    x, times = torch.randn(n), []
+    for _ in range(reps + 2):  # 2 to warm up
+        group.broadcast(torch.zeros(1), src=0)  # start together
+        start = time.perf_counter()
+        group.all_reduce(x)
+        times.append(group.all_reduce(torch.tensor([time.perf_counter() - start], dtype=torch.float64), op="max"))
+    return statistics.median(t.item() for t in times[2:])
+
+
+def transport_tour(group, dense, idx, targets, sizes=(), timing_runs=(), reps=20):
+    """Chapter 8's transports on real ranks: `group` is a ShmGroup, `DistGroup` on its processes is gloo.
+
+    Returns a dict: "forward": `tp_forward` on the ShmGroup; "all_reduce": for each n in `sizes`,
+    the median seconds of an all-reduce of n floats through gloo and through shared memory;
+    "timing": for each (config, B, T) in `timing_runs`, the median seconds of the TP forward on
+    either; "mismatch": the error of an all-reduce to which the ranks bring different sizes.
+    """
+    from .comm import CollectiveError, DistGroup
+    gloo = DistGroup(group.process_group)
+    out = dict(forward=tp_forward(group, dense, idx, targets), kind=type(group).__name__,
+               all_reduce=[{name: _median_all_reduce_seconds(g, n, reps) for name, g in (("gloo", gloo), ("shm", group))}
+                           for n in sizes], timing=[])
+    for config, B, T in timing_runs:
+        timing_dense, timing_idx = seeded_gpt_and_batch(config, B, T)
+        out["timing"].append({name: time_forward(TPGPT.from_dense(timing_dense, group=g).eval(), timing_idx, group=g,
+                                                 reps=reps) for name, g in (("gloo", gloo), ("shm", group))})
+    try:
+        group.all_reduce(torch.ones(3 + group.rank))  # rank 0 brings 3 numbers, rank 1 brings 4
+        out["mismatch"] = None
+    except CollectiveError as exc:
+        out["mismatch"] = str(exc)
     return out
