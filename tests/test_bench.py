@@ -10,8 +10,8 @@ import argparse
 import pytest
 import torch
 
-from tputil.bench import (DEFAULT_VARIANTS, LOGITS_TOL, SIZES, VARIANTS, BenchCorrectnessError, BenchSize,
-                          add_arguments, check_close, run_bench)
+from tputil.bench import DEFAULT_VARIANTS, SIZES, VARIANTS, BenchSize, add_arguments, run_bench
+from tputil.bench_ranks import LOGITS_TOL, BenchCorrectnessError, check_close
 from tputil.bench_report import COLUMNS, HEADERS
 from tputil.comm import RankError
 from tputil.model import GPTConfig
@@ -69,7 +69,7 @@ def test_command_line_arguments():
 def test_pytorch_plan_names_existing_modules_and_split_qkv_keeps_the_numbers():
     from fnmatch import fnmatch
 
-    from tputil.bench import dense_model
+    from tputil.bench_ranks import dense_model
     from tputil.bench_torch_tp import split_qkv, torch_tp_plan
     dense = dense_model(SMOKE.config)
     split = split_qkv(dense)  # c_attn's q, k and v sections as three Linears: what ColwiseParallel can split

@@ -132,3 +132,19 @@ def test_on_two_real_processes_the_same_bits_as_on_threads():
         assert len(o["timing"][0]["all_reduces"]) == 2 * TINY.n_layer
     names = real[0]["profile"][1]
     assert any("all_reduce" in n or "allreduce" in n for n in names)
+
+
+def test_transport_tour_on_shared_memory_matches_threads_and_reports_a_mismatch():
+    dense = make_gpt().eval()
+    idx, targets = _batch()
+    threads = run_threads(procs.tp_forward, 2, dense, idx, targets)
+    real = run_processes(procs.transport_tour, 2, dense, idx, targets, [4, 4096], [(TINY, 2, 8)], 2,
+                         backend="gloo", timeout=120.0, shm=True)
+    for o, t in zip(real, threads):
+        f = o["forward"]
+        assert o["kind"] == "ShmGroup"
+        assert torch.equal(f["logits"], t["logits"]) and torch.equal(f["loss"], t["loss"])
+        assert f["calls"] == t["calls"] and f["bytes"] == t["bytes"]
+        assert len(o["all_reduce"]) == 2 and len(o["timing"]) == 1
+        assert all(set(x) == {"gloo", "shm"} and min(x.values()) > 0 for x in o["all_reduce"] + o["timing"])
+        assert "rank 0: 3 x torch.float32 (sum); rank 1: 4 x torch.float32 (sum)" in o["mismatch"]

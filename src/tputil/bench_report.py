@@ -40,7 +40,7 @@ def _split_comm(calls_per_rank):
 
 
 def rows(size, per_rank, variants):
-    """The table rows of one size from every rank's {variant: {measure: [per run]}} (see bench._bench_size)."""
+    """The table rows of one size from every rank's {variant: {measure: [per run]}} (see bench_ranks._bench_size)."""
     out = {}
     for key, (label, _) in variants.items():
         if key not in per_rank[0]:

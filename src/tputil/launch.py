@@ -2,7 +2,8 @@
 
 Used from chapter 2 (the collectives on real processes) and derived in chapter 8 (real processes).
 `run_processes(fn, p, *args)` starts p fresh Python processes, joins them into one
-torch.distributed group on 127.0.0.1 and calls `fn(DistGroup(), *args)` on each. `fn` must be
+torch.distributed group on 127.0.0.1 and calls `fn(DistGroup(), *args)` on each (with shm=True,
+`fn(ShmGroup(), *args)`: all-reduces through shared memory, chapter 8). `fn` must be
 importable by the children (a module-level function in a module, not one defined in a notebook
 cell); args and results must pickle.
 

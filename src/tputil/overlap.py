@@ -24,7 +24,7 @@ What it costs: every chunk makes its own all-reduces (2 per layer, chunks times 
 numbers), in the backward too, and each is a wait the rank may have to be woken from. On a busy
 machine a rank woken after some compute waits milliseconds for a core (measured on 2 cores: 5 ms
 instead of 0.6 ms per all-reduce), so the benchmark uses 2 chunks for the forward and 1 for the
-training step (`bench.OVERLAP_CHUNKS`). Not overlapped: the vocabulary-parallel loss's three
+training step (`bench_ranks.OVERLAP_CHUNKS`). Not overlapped: the vocabulary-parallel loss's three
 all-reduces of B*T numbers (they are small, and the loss needs all positions). Dropout: as in
 `tp_model`, not supported in training mode.
 """
@@ -55,7 +55,7 @@ class _Pending:
 
 
 def _record(group, seconds):
-    """Tell a group that times its collectives (`bench.TimedGroup`) the exposed time of one of them."""
+    """Tell a group that times its collectives (`bench_ranks.TimedGroup`) the exposed time of one of them."""
     if hasattr(group, "record_seconds"):
         group.record_seconds(seconds)
 

@@ -193,14 +193,14 @@ def transport_tour(group, dense, idx, targets, sizes=(), timing_runs=(), reps=20
     either; "mismatch": the error of an all-reduce to which the ranks bring different sizes.
     """
     from .comm import CollectiveError, DistGroup
-    gloo = DistGroup(group.process_group)
+    both = (("gloo", DistGroup(group.process_group)), ("shm", group))
     out = dict(forward=tp_forward(group, dense, idx, targets), kind=type(group).__name__,
-               all_reduce=[{name: _median_all_reduce_seconds(g, n, reps) for name, g in (("gloo", gloo), ("shm", group))}
-                           for n in sizes], timing=[])
+               all_reduce=[{name: _median_all_reduce_seconds(g, n, reps) for name, g in both} for n in sizes],
+               timing=[])
     for config, B, T in timing_runs:
         timing_dense, timing_idx = seeded_gpt_and_batch(config, B, T)
         out["timing"].append({name: time_forward(TPGPT.from_dense(timing_dense, group=g).eval(), timing_idx, group=g,
-                                                 reps=reps) for name, g in (("gloo", gloo), ("shm", group))})
+                                                 reps=reps) for name, g in both})
     try:
         group.all_reduce(torch.ones(3 + group.rank))  # rank 0 brings 3 numbers, rank 1 brings 4
         out["mismatch"] = None
