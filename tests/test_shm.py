@@ -172,6 +172,11 @@ def test_bad_arguments_are_refused_with_what_to_do(world_of_one, nothing_left_be
         ShmGroup(capacity_bytes=100)
     with mock.patch("platform.machine", return_value="arm64"), pytest.raises(ValueError, match="use DistGroup"):
         ShmGroup()
+    no_room = OSError(28, "No space left on device")
+    with mock.patch("os.posix_fallocate", side_effect=no_room), pytest.raises(ValueError) as info:
+        ShmGroup(capacity_bytes=1 << 20)
+    assert "has no room for 2.0 MiB (No space left on device): pass a smaller capacity_bytes (now 1048576)" \
+        in str(info.value)  # 2 slots x 1 rank x 1 MiB, and 128 bytes of headers
     alone = ShmGroup()
     x = torch.ones(3)
     assert alone.all_reduce(x) is x and alone.stats.total_calls == 0  # one rank: nothing to reduce

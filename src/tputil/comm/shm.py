@@ -74,20 +74,35 @@ class ShmGroup(DistGroup):
         self._buffers = self._mapped[header_bytes:].view(2, p, capacity_bytes)
 
     def _map_segment(self, nbytes):
-        """Rank 0 creates the file, every rank maps it, rank 0 unlinks it once all have: nothing is left behind."""
-        name = [None]
+        """Rank 0 creates the file, every rank maps it, rank 0 unlinks it once all have: nothing is left behind.
+
+        The file's memory is reserved at once (posix_fallocate), so a /dev/shm too small for it is a
+        clear error on every rank now, not a crash (SIGBUS) at the first all-reduce that touches it.
+        """
+        made = [None]  # ("ok", path) or ("error", message), from rank 0 to all
         if self.rank == 0:
-            folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            fd, name[0] = tempfile.mkstemp(prefix="tputil-shm-", dir=folder)
-            os.ftruncate(fd, nbytes)
-            os.close(fd)
+            folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+            fd, path = tempfile.mkstemp(prefix="tputil-shm-", dir=folder)
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+                made[0] = ("ok", path)
+            except OSError as exc:
+                os.unlink(path)
+                made[0] = ("error", f"ShmGroup: {folder} has no room for {nbytes / 2**20:.1f} MiB ({exc.strerror}): "
+                                    f"pass a smaller capacity_bytes (now {self.capacity_bytes}), or give {folder} "
+                                    "more space (in a container: docker run --shm-size)")
+            finally:
+                os.close(fd)
+        dist.broadcast_object_list(made, src=self._global(0), group=self.process_group)
+        kind, what = made[0]
+        if kind == "error":
+            raise ValueError(what)
         try:
-            dist.broadcast_object_list(name, src=self._global(0), group=self.process_group)
-            mapped = torch.from_file(name[0], shared=True, size=nbytes, dtype=torch.uint8)
+            mapped = torch.from_file(what, shared=True, size=nbytes, dtype=torch.uint8)
             dist.barrier(group=self.process_group)
         finally:
             if self.rank == 0:
-                os.unlink(name[0])
+                os.unlink(what)
         return mapped
 
     def _global(self, rank):
