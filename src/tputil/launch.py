@@ -23,8 +23,9 @@ How. The children are plain subprocesses (not multiprocessing: no resource track
 multiprocessing's shared memory), each the leader of its own process group, so stopping a rank
 (SIGTERM, then SIGKILL) also stops anything it started. The parent hosts the rendezvous store on
 a port the OS picks, so concurrent calls never collide; the job goes to the children and their
-results come back through that store. Each child watches its stdin, a pipe from the parent, and exits if the parent dies.
-What a rank prints is shown here as "[rank r] ..." lines; its stderr is kept for error messages.
+results come back through that store. Each child watches its stdin, a pipe from the parent, and
+exits if the parent dies. What a rank prints is shown here as "[rank r] ..." lines; its stderr is
+kept for error messages.
 """
 
 import json

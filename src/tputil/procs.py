@@ -30,6 +30,7 @@ import statistics
 import threading
 import time
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -92,19 +93,24 @@ def time_forward(model, idx, *, group=None, reps=20, warmup=3):
     """
     if reps < 1 or warmup < 0:
         raise ValueError(f"reps={reps} must be >= 1 and warmup={warmup} >= 0")
-    times = []
     with torch.no_grad():
-        for _ in range(warmup):
-            model(idx)
-        for _ in range(reps):
-            if group is not None:
-                group.broadcast(torch.zeros(1), src=0)  # start together
-            start = time.perf_counter()
-            model(idx)
-            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-            if group is not None:
-                elapsed = group.all_reduce(elapsed, op="max")  # the slowest rank's time
-            times.append(elapsed.item())
+        return _median_seconds(lambda: model(idx), group, reps, warmup)
+
+
+def _median_seconds(run, group, reps, warmup):
+    """Median seconds of run() over reps calls after warmup ones, the slowest rank's (see time_forward)."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(reps):
+        if group is not None:
+            group.broadcast(torch.zeros(1), src=0)  # start together
+        start = time.perf_counter()
+        run()
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        if group is not None:
+            elapsed = group.all_reduce(elapsed, op="max")  # the slowest rank's time
+        times.append(elapsed.item())
     return statistics.median(times)
 
 
@@ -173,17 +179,6 @@ def tp_tour(group, dense, idx, targets, timing_runs=(), reps=20):
     return out
 
 
-def _median_all_reduce_seconds(group, n, reps):
-    """Median seconds of an all-reduce of n float32 numbers on `group`, the slowest rank's (as time_forward)."""
-    x, times = torch.randn(n), []
-    for _ in range(reps + 2):  # 2 to warm up
-        group.broadcast(torch.zeros(1), src=0)  # start together
-        start = time.perf_counter()
-        group.all_reduce(x)
-        times.append(group.all_reduce(torch.tensor([time.perf_counter() - start], dtype=torch.float64), op="max"))
-    return statistics.median(t.item() for t in times[2:])
-
-
 def transport_tour(group, dense, idx, targets, sizes=(), timing_runs=(), reps=20):
     """Chapter 8's transports on real ranks: `group` is a ShmGroup, `DistGroup` on its processes is gloo.
 
@@ -195,8 +190,8 @@ def transport_tour(group, dense, idx, targets, sizes=(), timing_runs=(), reps=20
     from .comm import CollectiveError, DistGroup
     both = (("gloo", DistGroup(group.process_group)), ("shm", group))
     out = dict(forward=tp_forward(group, dense, idx, targets), kind=type(group).__name__,
-               all_reduce=[{name: _median_all_reduce_seconds(g, n, reps) for name, g in both} for n in sizes],
-               timing=[])
+               all_reduce=[{name: _median_seconds(partial(g.all_reduce, torch.randn(n)), g, reps, 2)
+                            for name, g in both} for n in sizes], timing=[])
     for config, B, T in timing_runs:
         timing_dense, timing_idx = seeded_gpt_and_batch(config, B, T)
         out["timing"].append({name: time_forward(TPGPT.from_dense(timing_dense, group=g).eval(), timing_idx, group=g,
