@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from tp_helpers import make_gpt
+from tputil import launch_demos
 from tputil.comm import DistGroup, RankError, ShmGroup
 from tputil.launch import run_processes
 from tputil.tp_model import TPGPT
@@ -180,3 +181,10 @@ def test_bad_arguments_are_refused_with_what_to_do(world_of_one, nothing_left_be
     alone = ShmGroup()
     x = torch.ones(3)
     assert alone.all_reduce(x) is x and alone.stats.total_calls == 0  # one rank: nothing to reduce
+
+
+def test_one_slot_is_not_enough_two_are(nothing_left_behind):
+    out = run_processes(launch_demos.shm_slots, 2, backend="gloo", timeout=60.0)
+    assert [o[2] for o in out] == [[[3.0] * 4, [30.0] * 4]] * 2  # two slots: right on both ranks
+    assert out[0][1] == [[3.0] * 4, [30.0] * 4]
+    assert out[1][1] == [[12.0] * 4, [30.0] * 4]  # one slot: the slow reader got rank 0's next tensor

@@ -15,7 +15,9 @@ does the same for the all-reduces of this book, with plain tensor operations:
   adds the p buffers **in rank order** (the order of `ThreadGroup`, so the ranks agree bit for bit,
   and at p = 2 the sum equals gloo's), into a tensor of its own;
 - two slots suffice: a rank can start call n + 1 only after every rank has published call n, which
-  each does only after it has finished reading call n - 1, the other slot.
+  each does only after it has finished reading call n - 1, the other slot. One slot does not: a
+  fast rank would overwrite its buffer with call n + 1 while a slow one still reads call n
+  (`launch_demos.shm_slots` shows the wrong sum, with the class attribute `slots` set to 1).
 
 Everything else (all-gather, reduce-scatter, broadcast; tensors larger than `capacity_bytes`) goes
 to `torch.distributed` as in `DistGroup`, whose subclass this is: the layers cannot tell the
@@ -50,6 +52,8 @@ _ALIGN = 64
 class ShmGroup(DistGroup):
     """A DistGroup whose all-reduces of CPU tensors go through a shared-memory segment (see the module)."""
 
+    slots = 2  # alternating slots of buffers and headers; 2 are needed (see the module)
+
     def __init__(self, process_group=None, *, capacity_bytes: int = 8 << 20, timeout: float = 30.0):
         super().__init__(process_group)
         if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -67,11 +71,11 @@ class ShmGroup(DistGroup):
                              "memory joins processes of one machine only: use DistGroup")
         self.capacity_bytes, self.timeout, self._seq = capacity_bytes, timeout, 0
         p = self.world_size
-        header_bytes = 2 * p * _HEADER * 8
-        self._mapped = self._map_segment(header_bytes + 2 * p * capacity_bytes)
-        self._headers = self._mapped[:header_bytes].view(torch.int64).view(2, p, _HEADER)
-        self._seqs = self._headers.numpy()[:, :, 0]  # (2, p) the same memory; numpy reads it in a microsecond
-        self._buffers = self._mapped[header_bytes:].view(2, p, capacity_bytes)
+        header_bytes = self.slots * p * _HEADER * 8
+        self._mapped = self._map_segment(header_bytes + self.slots * p * capacity_bytes)
+        self._headers = self._mapped[:header_bytes].view(torch.int64).view(self.slots, p, _HEADER)
+        self._seqs = self._headers.numpy()[:, :, 0]  # (slots, p) the same memory; numpy reads it in a microsecond
+        self._buffers = self._mapped[header_bytes:].view(self.slots, p, capacity_bytes)
 
     def _map_segment(self, nbytes):
         """Rank 0 creates the file, every rank maps it, rank 0 unlinks it once all have: nothing is left behind.
@@ -113,7 +117,7 @@ class ShmGroup(DistGroup):
         if t.device.type != "cpu" or t.dtype not in _DTYPES or nbytes > self.capacity_bytes:
             return super()._all_reduce(t, op)
         self._seq += 1
-        seq, slot, p = self._seq, self._seq % 2, self.world_size
+        seq, slot, p = self._seq, self._seq % self.slots, self.world_size
         n = t.numel()
         buffers = self._buffers[slot, :, :nbytes].view(t.dtype)  # (p, n)
         buffers[self.rank].copy_(t.reshape(-1))
