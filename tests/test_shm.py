@@ -17,10 +17,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tp_helpers import make_gpt
+from tp_helpers import FLOAT32, make_gpt
 from tputil import launch_demos
 from tputil.comm import DistGroup, RankError, ShmGroup
 from tputil.launch import run_processes
+from tputil.overlap import overlapped_forward
 from tputil.tp_model import TPGPT
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.int64)
@@ -78,6 +79,11 @@ def tp_gpt_shm_and_gloo(group, dense, idx, targets):
             loss.backward()
         out[name] = dict(logits=logits.detach(), loss=loss.detach(), calls=dict(m.calls), bytes=dict(m.bytes),
                          grads=[p.grad for p in model.parameters()])
+        if name == "shm":  # the overlapped forward on a ShmGroup: its all-reduces through shared memory too
+            before = g._seq
+            with torch.no_grad():
+                out["overlapped"] = overlapped_forward(model, idx, targets, chunks=2)
+            out["overlapped_shm_calls"] = g._seq - before
     return out
 
 
@@ -132,6 +138,9 @@ def test_tp_gpt_on_shm_equals_gloo_bit_for_bit(nothing_left_behind):
         assert all(torch.equal(a, b) for a, b in zip(shm["grads"], gloo["grads"]))
         assert shm["calls"] == gloo["calls"] == {"all_reduce": 4 * dense.config.n_layer}
         assert shm["bytes"] == gloo["bytes"]
+        torch.testing.assert_close(out["overlapped"][0], shm["logits"], **FLOAT32)
+        torch.testing.assert_close(out["overlapped"][1], shm["loss"], **FLOAT32)
+        assert out["overlapped_shm_calls"] == 2 * 2 * dense.config.n_layer  # 2 chunks x 2 per layer
 
 
 def test_run_processes_hands_out_shm_groups(nothing_left_behind):

@@ -18,7 +18,8 @@ needed by the very next op (the residual add), so the rank waits. Two ways aroun
 
 Each stream's forward is a generator that yields every partial sum to be all-reduced and receives
 the sum; `_run_streams` is the scheduler. Collectives are issued in the same order on every rank.
-On a group without asynchronous collectives (`ThreadGroup`) the all-reduces are simply synchronous.
+On a group without asynchronous collectives (`ThreadGroup`, and `ShmGroup`, whose all-reduce costs
+too little to hide) the all-reduces are simply synchronous.
 
 What it costs: every chunk makes its own all-reduces (2 per layer, chunks times B*T*C/chunks
 numbers), in the backward too, and each is a wait the rank may have to be woken from. On a busy
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from .comm import CallRecord, DistGroup
+from .comm import CallRecord, DistGroup, ShmGroup
 
 
 class _Pending:
@@ -64,7 +65,7 @@ def _start_all_reduce(t, group, tag) -> _Pending:
     """All-reduce (sum) of t into a new tensor, started asynchronously on a DistGroup, counted."""
     if group.world_size == 1:
         return _Pending(t, None, group)
-    if not isinstance(group, DistGroup):
+    if not isinstance(group, DistGroup) or isinstance(group, ShmGroup):  # threads; shared memory (fast anyway)
         return _Pending(group.all_reduce(t, tag=tag), None, group)  # synchronous, counted by the group
     start = time.perf_counter()
     out = t.detach().clone()
