@@ -2,10 +2,9 @@
 
 Used from chapter 2 (the collectives on real processes) and derived in chapter 8 (real processes).
 `run_processes(fn, p, *args)` starts p fresh Python processes, joins them into one
-torch.distributed group on 127.0.0.1 and calls `fn(DistGroup(), *args)` on each (with shm=True,
-`fn(ShmGroup(), *args)`: all-reduces through shared memory, chapter 8). `fn` must be
-importable by the children (a module-level function in a module, not one defined in a notebook
-cell); args and results must pickle.
+torch.distributed group on 127.0.0.1 and calls `fn(DistGroup(), *args)` on each (a `ShmGroup`
+with shm=True). `fn` must be importable by the children (a module-level function in a module, not
+one defined in a notebook cell); args and results must pickle.
 
 What can go wrong, and what the caller sees (tests/test_launch_faults.py checks each):
 - a rank raises: a RankError naming it, with its traceback, as soon as it happens;
@@ -338,8 +337,7 @@ def _child_main():
         dist.init_process_group(spec["backend"], store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=spec["timeout"]))
         group = dist.new_group(list(range(world_size)), timeout=timedelta(seconds=spec["collective_timeout"]))
-        group = ShmGroup(group, timeout=spec["collective_timeout"]) if spec["shm"] else DistGroup(group)
-        value = fn(group, *args)
+        value = fn(ShmGroup(group, timeout=spec["collective_timeout"]) if spec["shm"] else DistGroup(group), *args)
         # plain pickle copies tensor data into bytes (no shared memory that dies with this process)
         message = ("ok", _fits_store(pickle.dumps(_to_cpu(value)), f"rank {rank}'s result"))
     except BaseException as exc:  # noqa: B902 - sent to the parent, which raises it
