@@ -78,3 +78,31 @@ def test_pytorch_plan_names_existing_modules_and_split_qkv_keeps_the_numbers():
     names = [name for name, _ in split.named_modules()]
     for pattern in torch_tp_plan(vocab_parallel=True):
         assert any(fnmatch(name, pattern) for name in names), pattern
+
+
+def torch_tp_on_shm(group):
+    """PyTorch's TP on a shm mesh made after a gloo mesh over the same ranks: its all-reduces must use shm."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tputil.bench_ranks import dense_model
+    from tputil.bench_torch_tp import forward_loss, full_logits, local_value, shm_mesh, torch_tp_model
+    from tputil.comm import ShmGroup
+    init_device_mesh("cpu", (group.world_size,))  # a gloo mesh: equal to a shm mesh without a name of its own
+    shm = ShmGroup(group.process_group)
+    model = torch_tp_model(dense_model(SMOKE.config), shm_mesh(shm), vocab_parallel=True)
+    x = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, loss = forward_loss(model, x, x)
+    return shm._seq, full_logits(logits), local_value(loss)
+
+
+def test_pytorch_tp_on_the_shm_mesh_all_reduces_through_shared_memory():
+    from tputil.bench_ranks import dense_model
+    from tputil.launch import run_processes
+    x = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, loss = dense_model(SMOKE.config)(x, x)
+    for calls, got_logits, got_loss in run_processes(torch_tp_on_shm, 2, backend="gloo", timeout=120.0):
+        assert calls == 2 * SMOKE.config.n_layer + 1 + 3  # blocks, embedding, loss_parallel's all-reduces
+        torch.testing.assert_close(got_logits, logits, **LOGITS_TOL)
+        torch.testing.assert_close(got_loss, loss, **LOGITS_TOL)

@@ -83,7 +83,10 @@ def test_a_rank_that_raises_fails_the_call_at_once_and_what_the_ranks_started_is
     assert _gone_within(pids, 2.0) == []
 
 
-@pytest.mark.parametrize("how, code", [(3, r"3"), ("SIGSEGV", r"-11 \(SIGSEGV\)")])
+OOM = r"-9 \(SIGKILL, which is also how the kernel's out-of-memory killer stops a process\)"
+
+
+@pytest.mark.parametrize("how, code", [(3, r"3"), ("SIGSEGV", r"-11 \(SIGSEGV\)"), ("SIGKILL", OOM)])
 def test_a_rank_that_dies_is_named_with_its_exit_code(no_leftovers, how, code):
     start = time.monotonic()
     with pytest.raises(RankError, match=rf"^rank 1 of 2 died with exit code {code} before returning a result") as info:

@@ -139,7 +139,7 @@ def _train_step(forward, optimizer):
     return step
 
 
-def _build(key, dense, groups, mesh, *, sabotage=None) -> _Runner:
+def _build(key, dense, groups, meshes, *, sabotage=None) -> _Runner:
     from . import bench_torch_tp as btp
     from .layers import ColumnParallelLinear
     from .overlap import overlapped_forward
@@ -148,7 +148,8 @@ def _build(key, dense, groups, mesh, *, sabotage=None) -> _Runner:
     if key.startswith("dense"):
         return _Runner(dense, _train_step(dense, _optimizer(dense)), lambda t: t)
     if key.startswith("torch"):
-        model = btp.torch_tp_model(dense, mesh, vocab_parallel=key == "torch_vocab")
+        mesh = meshes["shm" if key.endswith("_shm") else "gloo"]
+        model = btp.torch_tp_model(dense, mesh, vocab_parallel=key.startswith("torch_vocab"))
         opt = _optimizer(model)
         return _Runner(lambda x, y: btp.forward_loss(model, x, y), lambda x, y: btp.train_step(model, opt, x, y),
                        btp.full_logits, torch_tp=True)
@@ -175,14 +176,14 @@ def _torch_comm_seconds(prof):
                if e.name.startswith("_c10d_functional::") and "wrap_tensor" not in e.name) / 1e6
 
 
-def _bench_size(size, groups, mesh, repeats, seed, variants, sabotage, device, threads):
+def _bench_size(size, groups, meshes, repeats, seed, variants, sabotage, device, threads):
     """One model size on this rank: build, guard, then interleaved timed rounds; returns the raw timings."""
     from torch.profiler import ProfilerActivity, profile
     rank, p = groups["gloo"].rank, groups["gloo"].world_size
     dense = dense_model(size.config, seed, device)
     x, y = _batch(size, seed, device)
     keys = [k for k in variants if rank == 0 or not k.startswith("dense")]  # dense ones run on rank 0 only
-    runners = {k: _build(k, dense, groups, mesh, sabotage=sabotage) for k in keys if k != "dense1"}
+    runners = {k: _build(k, dense, groups, meshes, sabotage=sabotage) for k in keys if k != "dense1"}
     if "dense1" in keys:
         runners["dense1"] = runners["dense"]  # the same model and optimizer, on 1 thread
     raw = {k: {m: [] for m in ("fwd", "step", "comm_fwd", "comm_step", "calls_fwd", "calls_step")} for k in variants}
@@ -248,11 +249,15 @@ def _bench_size(size, groups, mesh, repeats, seed, variants, sabotage, device, t
 def worker(group, sizes, repeats, seed, variants, sabotage):
     """Every rank: the whole benchmark; returns {size name: {variant: {measure: [per run]}}, "_info": ...}."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    from .bench_torch_tp import shm_mesh
     device, threads = group.device, torch.get_num_threads()
     groups = dict(gloo=TimedGroup())
-    if any(k.endswith("_shm") for k in variants):
+    meshes = dict(gloo=init_device_mesh(device.type, (group.world_size,)))
+    if any(k.startswith("ours") and k.endswith("_shm") for k in variants):
         groups["shm"] = TimedShmGroup(timeout=600.0)
-    mesh = init_device_mesh(device.type, (group.world_size,))
-    out = {s.name: _bench_size(s, groups, mesh, repeats, seed, variants, sabotage, device, threads) for s in sizes}
+    if any(k.startswith("torch") and k.endswith("_shm") for k in variants):  # a segment of its own
+        meshes["shm"] = shm_mesh(ShmGroup(timeout=600.0))
+    out = {s.name: _bench_size(s, groups, meshes, repeats, seed, variants, sabotage, device, threads) for s in sizes}
     out["_info"] = dict(backend=group.backend, threads=threads)
     return out

@@ -9,7 +9,7 @@ rank; both are medians over the repeats of per-run sums (waiting: the mean over 
 
 import statistics
 
-COLUMNS = [("variant", "{}", 35), ("fwd", "{:.1f}", 8), ("step", "{:.1f}", 9), ("comm_fwd", "{:.1f}", 10),
+COLUMNS = [("variant", "{}", 40), ("fwd", "{:.1f}", 8), ("step", "{:.1f}", 9), ("comm_fwd", "{:.1f}", 10),
            ("comm_step", "{:.1f}", 11), ("fwd/dense", "{:.2f}x", 11), ("step/dense", "{:.2f}x", 12),
            ("fwd/torch", "{:.2f}x", 11), ("step/torch", "{:.2f}x", 12)]
 HEADERS = ["variant", "fwd ms", "step ms", "comm fwd", "comm step", "fwd/dense", "step/dense", "fwd/torch",
@@ -79,8 +79,8 @@ def format_table(result_rows, sizes, note="") -> str:
         for row in (r for r in result_rows if r["size"] == size.name):
             lines.append("".join(_cell(row[name], fmt, width, i == 0) for i, (name, fmt, width) in enumerate(COLUMNS)))
     lines.append("ms: median over the repeats of the slowest rank. comm: ms inside collectives, mean over the ranks "
-                 "(ours: timed; torch: profiled once).\nx/torch: against PyTorch TP with the same head (the vocab "
-                 "variants: PyTorch's best plan, vocabulary-parallel head and loss_parallel)." + note)
+                 "(ours: timed; torch: profiled once).\nx/torch: against PyTorch TP with the same head and transport "
+                 "(the vocab variants: PyTorch's best plan, vocabulary-parallel head and loss_parallel)." + note)
     split = [r for r in result_rows if r.get("calls_fwd")]
     if split:
         lines.append("\nOur time inside collectives = transfer (what the last rank to arrive waits) + waiting "

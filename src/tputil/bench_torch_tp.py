@@ -22,13 +22,24 @@ The loss. With the vocabulary-parallel plan lm_head returns a DTensor sharded on
 (`use_local_output=False`) and the dense model's own `F.cross_entropy` runs under
 `torch.distributed.tensor.parallel.loss_parallel()`, which computes it without gathering the logits;
 `loss.backward()` must run under it too (`forward_loss` and `train_step` below enter it).
+
+The transport. PyTorch's TP sends its collectives through the mesh's process group: gloo on CPU.
+`shm_mesh(shm_group)` gives it the same shared-memory all-reduce as ours (`comm.ShmGroup`), so the
+two can be compared on equal terms: `ShmProcessGroup`, a process group written in Python (as
+PyTorch's own tests do for their threaded one), all-reduces through the ShmGroup and passes every
+other collective to a gloo group of the same ranks. The mesh gets a dimension name of its own:
+DeviceMesh equality ignores process groups, so an unnamed shm mesh equals a gloo mesh over the same
+ranks, and DTensor, having cached the gloo one, would send the collectives there.
 """
 
 import copy
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch._C._distributed_c10d import AllreduceOptions, _create_work_from_future
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
 
@@ -140,3 +151,60 @@ def train_step(model, optimizer, idx, targets):
     optimizer.step()
     return loss.detach()
 
+
+
+class ShmProcessGroup(dist.ProcessGroup):
+    """A torch.distributed process group: all-reduces through a ShmGroup, the rest through a gloo group."""
+
+    _OPS = ((dist.ReduceOp.SUM, "sum"), (dist.ReduceOp.MAX, "max"), (dist.ReduceOp.MIN, "min"))
+
+    def __init__(self, rank, world_size, gloo, shm):
+        super().__init__(rank, world_size)
+        self._gloo, self._shm = gloo, shm
+
+    @property
+    def group_name(self):  # the name torch.distributed registered it under (DeviceMesh asks for it)
+        return dist.distributed_c10d._world.pg_names[self]
+
+    def getBackendName(self):
+        return _SHM_BACKEND
+
+    def allreduce(self, tensor_list, opts=AllreduceOptions()):
+        op = next((name for red, name in self._OPS if opts.reduceOp == red), None)
+        if op is None:  # e.g. a product: gloo's
+            return self._gloo.allreduce(tensor_list, opts)
+        for t in tensor_list:  # in place, as torch.distributed's all-reduce is
+            t.copy_(self._shm._all_reduce(t, op))
+        done = torch.futures.Future()
+        done.set_result(tensor_list)
+        return _create_work_from_future(done)
+
+
+def _to_gloo(name):
+    def method(self, *args):
+        return getattr(self._gloo, name)(*args)
+    method.__name__ = name
+    return method
+
+
+for _name in ("broadcast", "allgather", "_allgather_base", "allgather_into_tensor_coalesced", "reduce_scatter",
+              "_reduce_scatter_base", "reduce_scatter_tensor_coalesced", "scatter", "gather", "barrier",
+              "alltoall_base", "allreduce_coalesced", "send", "recv"):
+    setattr(ShmProcessGroup, _name, _to_gloo(_name))
+
+_SHM_BACKEND = "tputil_shm"
+_making = []  # (gloo group, ShmGroup) for the ShmProcessGroup that shm_mesh is creating
+
+
+def shm_mesh(shm_group) -> DeviceMesh:
+    """A 1-D CPU DeviceMesh over shm_group's ranks whose all-reduces go through shm_group (every rank calls it)."""
+    if not hasattr(dist.Backend, _SHM_BACKEND.upper()):
+        dist.Backend.register_backend(_SHM_BACKEND, lambda store, rank, world_size, timeout: ShmProcessGroup(
+            rank, world_size, *_making[-1]), devices=["cpu"])
+    ranks = dist.get_process_group_ranks(shm_group.process_group or dist.group.WORLD)
+    _making.append((dist.new_group(ranks, backend="gloo"), shm_group))
+    try:
+        pg = dist.new_group(ranks, backend=_SHM_BACKEND)
+    finally:
+        _making.pop()
+    return DeviceMesh.from_group(pg, "cpu", mesh_dim_names=("tp_shm",))  # named: not equal to a gloo mesh

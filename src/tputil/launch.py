@@ -241,7 +241,9 @@ def _collect(ranks, store, timeout, collective_timeout):
 def _describe(event) -> str:
     if event[0] == "died":
         code = event[1]
-        why = f" ({signal.Signals(-code).name})" if code < 0 and -code in signal.valid_signals() else ""
+        name = signal.Signals(-code).name if code < 0 and -code in signal.valid_signals() else None
+        oom = ", which is also how the kernel's out-of-memory killer stops a process" if name == "SIGKILL" else ""
+        why = f" ({name}{oom})" if name else ""
         return f"died with exit code {code}{why} before returning a result"
     last = re.sub(r"^(\w+: )\[\S+:\d+\] ", r"\1", event[2].strip().splitlines()[-1])  # drop a C++ file:line
     what = {"own": "raised", "comm": "failed in a collective", "timeout": "timed out in a collective"}[event[1]]
