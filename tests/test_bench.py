@@ -87,10 +87,12 @@ def torch_tp_on_shm(group):
     from tputil.bench_ranks import dense_model
     from tputil.bench_torch_tp import forward_loss, full_logits, local_value, shm_mesh, torch_tp_model
     from tputil.comm import ShmGroup
-    init_device_mesh("cpu", (group.world_size,))  # a gloo mesh: equal to a shm mesh without a name of its own
+    x = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(0))
+    gloo_mesh = init_device_mesh("cpu", (group.world_size,))  # equal to a shm mesh without a name of its own
+    with torch.no_grad():  # DTensor meets the gloo mesh first, as in the benchmark
+        forward_loss(torch_tp_model(dense_model(SMOKE.config), gloo_mesh, vocab_parallel=True), x, x)
     shm = ShmGroup(group.process_group)
     model = torch_tp_model(dense_model(SMOKE.config), shm_mesh(shm), vocab_parallel=True)
-    x = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits, loss = forward_loss(model, x, x)
     return shm._seq, full_logits(logits), local_value(loss)
