@@ -43,6 +43,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
 
+from .comm import REDUCE_OPS
 from .model import causal_attention
 
 
@@ -152,11 +153,8 @@ def train_step(model, optimizer, idx, targets):
     return loss.detach()
 
 
-
 class ShmProcessGroup(dist.ProcessGroup):
     """A torch.distributed process group: all-reduces through a ShmGroup, the rest through a gloo group."""
-
-    _OPS = ((dist.ReduceOp.SUM, "sum"), (dist.ReduceOp.MAX, "max"), (dist.ReduceOp.MIN, "min"))
 
     def __init__(self, rank, world_size, gloo, shm):
         super().__init__(rank, world_size)
@@ -170,7 +168,7 @@ class ShmProcessGroup(dist.ProcessGroup):
         return _SHM_BACKEND
 
     def allreduce(self, tensor_list, opts=AllreduceOptions()):
-        op = next((name for red, name in self._OPS if opts.reduceOp == red), None)
+        op = next((name for name in REDUCE_OPS if opts.reduceOp == getattr(dist.ReduceOp, name.upper())), None)
         if op is None:  # e.g. a product: gloo's
             return self._gloo.allreduce(tensor_list, opts)
         for t in tensor_list:  # in place, as torch.distributed's all-reduce is

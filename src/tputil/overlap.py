@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from .comm import CallRecord, DistGroup, ShmGroup
+from .comm import CallRecord
 
 
 class _Pending:
@@ -65,7 +65,7 @@ def _start_all_reduce(t, group, tag) -> _Pending:
     """All-reduce (sum) of t into a new tensor, started asynchronously on a DistGroup, counted."""
     if group.world_size == 1:
         return _Pending(t, None, group)
-    if not isinstance(group, DistGroup) or isinstance(group, ShmGroup):  # threads; shared memory (fast anyway)
+    if not getattr(group, "async_all_reduce", False):  # ThreadGroup, ShmGroup
         return _Pending(group.all_reduce(t, tag=tag), None, group)  # synchronous, counted by the group
     start = time.perf_counter()
     out = t.detach().clone()

@@ -13,6 +13,8 @@ class DistGroup(Group):
     process's current CUDA device; tensors passed in must live there.
     """
 
+    async_all_reduce = True  # `overlap` may start dist.all_reduce(async_op=True) on process_group itself
+
     def __init__(self, process_group=None):
         backend = dist.get_backend(process_group)
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None

@@ -12,6 +12,18 @@ import torch
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
 REDUCE_OPS = ("sum", "max", "min")
+_COMBINE = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
+
+
+def reduce_in_rank_order(tensors, op: str):
+    """((t0 op t1) op t2) op ... into a new tensor: the same bits on every rank that computes it."""
+    combine = _COMBINE[op]
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    total = combine(tensors[0], tensors[1])
+    for t in tensors[2:]:
+        combine(total, t, out=total)
+    return total
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,10 @@ import torch
 import torch.distributed as dist
 
 from .dist import DistGroup
+from .group import REDUCE_OPS, reduce_in_rank_order
 from .threads import CollectiveError
 
-_OPS = {"sum": 1, "max": 2, "min": 3}
+_OPS = {op: code for code, op in enumerate(REDUCE_OPS, start=1)}  # 0: nothing written yet
 _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32]
 _HEADER = 8  # int64 per (slot, rank): sequence number, numel, op, dtype; padded to a cache line
 _ALIGN = 64
@@ -53,6 +54,7 @@ class ShmGroup(DistGroup):
     """A DistGroup whose all-reduces of CPU tensors go through a shared-memory segment (see the module)."""
 
     slots = 2  # alternating slots of buffers and headers; 2 are needed (see the module)
+    async_all_reduce = False  # its all-reduce is synchronous, and too quick to be worth hiding (`overlap`)
 
     def __init__(self, process_group=None, *, capacity_bytes: int = 8 << 20, timeout: float = 30.0):
         super().__init__(process_group)
@@ -117,7 +119,7 @@ class ShmGroup(DistGroup):
         if t.device.type != "cpu" or t.dtype not in _DTYPES or nbytes > self.capacity_bytes:
             return super()._all_reduce(t, op)
         self._seq += 1
-        seq, slot, p = self._seq, self._seq % self.slots, self.world_size
+        seq, slot = self._seq, self._seq % self.slots
         n = t.numel()
         buffers = self._buffers[slot, :, :nbytes].view(t.dtype)  # (p, n)
         buffers[self.rank].copy_(t.reshape(-1))
@@ -127,11 +129,7 @@ class ShmGroup(DistGroup):
         self._wait_for(slot, seq)
         if not bool((header[:, 1:4] == header[self.rank, 1:4]).all()):
             raise CollectiveError(self._mismatch(header, seq))
-        combine = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}[op]
-        out = combine(buffers[0], buffers[1])  # a tensor of this rank's own, then the others in rank order
-        for r in range(2, p):
-            combine(out, buffers[r], out=out)
-        return out.view(t.shape)
+        return reduce_in_rank_order(buffers, op).view(t.shape)  # a tensor of this rank's own
 
     def _wait_for(self, slot, seq):
         """Spin until every rank's sequence number in this slot is seq; yield the core when it takes long."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .group import Group
+from .group import Group, reduce_in_rank_order
 
 
 class CollectiveError(RuntimeError):
@@ -50,10 +50,7 @@ def _compute(kind, params, tensors, world_size):
     """The result of one collective for every rank, computed once, combining ranks in rank order."""
     p = dict(params)
     if kind in ("all_reduce", "reduce_scatter"):
-        combine = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}[p.get("op", "sum")]
-        total = tensors[0].clone()
-        for t in tensors[1:]:
-            total = combine(total, t)  # ((t0 + t1) + t2) + ...: the same bits on every rank
+        total = reduce_in_rank_order(tensors, p.get("op", "sum"))  # ((t0 + t1) + t2) + ...
         if kind == "all_reduce":
             return [total.clone() for _ in range(world_size)]
         return [c.clone() for c in total.chunk(world_size, dim=p["dim"])]
