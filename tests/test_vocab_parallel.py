@@ -83,6 +83,24 @@ def test_embedding_matches_dense_with_one_all_reduce(p, vocab):
         assert m.bytes == ({} if p == 1 else {"all_reduce": B * T * C * 8})
 
 
+@pytest.mark.parametrize("vocab, p, multiple", [(67, 2, 1), (67, 3, 1), (67, 4, 1), (5, 4, 1), (10, 3, 1),
+                                                 (64, 3, 1), (60, 2, 8), (5, 2, 4)])
+def test_constructor_zeroes_every_padding_row_and_no_real_row(vocab, p, multiple):
+    """The docstring's promise: rows beyond the vocabulary are zero, on every rank (a rank may own only padding)."""
+    padded = pad_vocab_size(vocab, p, multiple=multiple)
+    assert padded > vocab  # every case here has padding
+
+    def fn(group):
+        emb = VocabParallelEmbedding(vocab, 8, group=group, padded_vocab_size=padded,
+                                     generator=torch.Generator().manual_seed(0))
+        ids = torch.arange(emb.vocab_start, emb.vocab_end)  # (V_pad/p,) the global id of each local row
+        return emb.weight.detach(), ids
+
+    for weight, ids in run_threads(fn, p):
+        assert torch.equal(weight[ids >= vocab], torch.zeros(int((ids >= vocab).sum()), 8))
+        assert (weight[ids < vocab] != 0).any(dim=1).all()  # each real row drawn, not zeroed
+
+
 def test_embedding_refuses_ids_outside_the_real_vocabulary():
     emb = VocabParallelEmbedding.from_dense(torch.nn.Embedding(67, 4), group=SingleGroup(), padded_vocab_size=68)
     assert emb.weight.shape == (68, 4) and torch.equal(emb.weight[67], torch.zeros(4))

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from .comm import (copy_to_parallel_region, gather_from_parallel_region, reduce_from_parallel_region,
                    scatter_to_parallel_region)
+from .model import check_token_ids
 from .shard import divide, gather_tensors, pad_vocab_size, shard_tensor, vocab_range
 
 
@@ -184,9 +185,7 @@ class VocabParallelEmbedding(nn.Module):
         return layer
 
     def forward(self, ids):
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.num_embeddings):  # as nn.Embedding would refuse
-            raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got ids in "
-                             f"[{ids.min().item()}, {ids.max().item()}]")
+        check_token_ids(ids, self.num_embeddings)  # a padding id has a row but is no token: refused
         foreign = (ids < self.vocab_start) | (ids >= self.vocab_end)  # (B, T) ids another rank owns
         local = (ids - self.vocab_start).masked_fill(foreign, 0)  # (B, T) in [0, V_pad/p)
         y = F.embedding(local, self.weight)  # (B, T, C) right rows for our ids, row 0 for the others

@@ -135,6 +135,28 @@ class GPTConfig:
         return self.n_embd // self.n_head  # hs
 
 
+def check_token_ids(idx, vocab_size: int):
+    """Raise an IndexError naming the range if any id in idx is not a token id in [0, vocab_size).
+
+    nn.Embedding would refuse such an id too, but only with "index out of range in self"; every
+    model (dense, tensor-parallel, vocabulary-parallel) checks here first, before any communication.
+    One min and one max over idx (a single transfer from a GPU), on every forward.
+    """
+    if idx.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(idx)).tolist()
+    if low < 0 or high >= vocab_size:
+        raise IndexError(f"token ids must be in [0, {vocab_size}), got ids in [{low}, {high}]")
+
+
+def check_prompt(idx):
+    """Raise a ValueError unless idx is a (B, T) batch of prompts with T >= 1 (generation continues the last token)."""
+    if idx.dim() != 2:
+        raise ValueError(f"the prompt must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}")
+    if idx.size(1) == 0:
+        raise ValueError(f"the prompt needs at least one token to continue, got shape {tuple(idx.shape)}")
+
+
 class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
@@ -175,6 +197,7 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"cannot forward a sequence of length {T}: block_size is only "
                              f"{self.config.block_size}; crop the input or raise block_size")
+        check_token_ids(idx, self.config.vocab_size)
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C)
@@ -210,6 +233,7 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: it must be > 0 (use greedy=True for argmax)")
+    check_prompt(idx)
     block_size = model.config.block_size
     for _ in range(max_new_tokens):
         idx_cond = idx if idx.size(1) <= block_size else idx[:, -block_size:]  # (B, <= block_size)

@@ -21,8 +21,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from .layers import ColumnParallelLinear, RowParallelLinear
-from .model import GPTConfig, LayerNorm, causal_attention, cross_entropy, generate
+from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from .model import GPTConfig, LayerNorm, causal_attention, check_token_ids, cross_entropy, generate
 from .shard import GPT_TP_PLAN, check_shard_state_dict, divide, shard_state_dict
 
 
@@ -184,6 +184,8 @@ class TPGPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"cannot forward a sequence of length {T}: block_size is only "
                              f"{self.config.block_size}; crop the input or raise block_size")
+        if not isinstance(self.transformer.wte, VocabParallelEmbedding):  # that one checks the ids itself
+            check_token_ids(idx, self.config.vocab_size)
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C) replicated
         for block in self.transformer.h:

@@ -25,7 +25,7 @@ import torch
 from .comm import gather_from_parallel_region
 from .layers import ColumnParallelLinear, VocabParallelEmbedding
 from .loss import vocab_parallel_argmax, vocab_parallel_cross_entropy
-from .model import generate
+from .model import check_prompt, generate
 from .shard import (GPT_TP_PLAN, GPT_VOCAB_TP_PLAN, check_shard_state_dict, pad_vocab_size, shard_shapes, shard_state_dict,
                     vocab_parallel_plan)
 from .tp_model import TPGPT, _global_rng_restored
@@ -105,6 +105,7 @@ class VocabParallelTPGPT(TPGPT):
         position's logits are all-gathered, (B, V_pad/p) per rank; give every rank a generator in
         the same state, or the ranks draw different tokens.
         """
+        check_prompt(idx)  # before any communication, on every rank
         if not greedy:
             return generate(_LastLogitsGathered(self), idx, max_new_tokens, temperature=temperature,
                             top_k=top_k, greedy=False, generator=generator)
