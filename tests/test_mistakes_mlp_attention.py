@@ -49,8 +49,10 @@ def test_contiguous_chunks_of_the_fused_qkv_weight_mix_q_k_and_v(p, seed):
 
 
 def test_one_rank_splits_nothing_so_there_is_no_mistake():
-    assert mistakes.mlp_split_before_gelu(1) == 0.0
-    assert mistakes.attention_contiguous_qkv_split(1) == 0.0
+    # Not bit for bit: c_proj's bias comes after its matmul here and inside it (addmm) in the dense
+    # layer, which rounds differently under some kernels (MKL_CBWR=COMPATIBLE): rounding only.
+    assert mistakes.mlp_split_before_gelu(1) < FLOAT32["atol"]
+    assert mistakes.attention_contiguous_qkv_split(1) < FLOAT32["atol"]
 
 
 def test_the_mistakes_are_deterministic_and_leave_the_global_rng_alone():

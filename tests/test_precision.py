@@ -75,3 +75,27 @@ def test_the_gpt_bound_covers_tp_against_dense_and_float32_against_float64(p):
     for out in tp:
         assert (out - logits).abs().max().item() < bound["worst"]
     assert (logits.double() - exact).abs().max().item() < bound["worst"] / 2  # one run against exact
+
+
+def test_logit_term_sizes_by_hand_and_greedy_margins_on_a_real_generation():
+    model = make_gpt(seed=3, block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=16)
+    idx = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(5))
+        for block in model.transformer.h:
+            x = block(x)
+        h = model.transformer.ln_f(x)
+        by_hand = torch.stack([(h[b, t].abs() * model.lm_head.weight.abs()).sum(-1).max()
+                               for b in range(2) for t in range(5)]).view(2, 5)
+        out = model.generate(idx, 20)  # past block_size: the cropping too
+    torch.testing.assert_close(precision.logit_term_sizes(model, idx), by_hand)
+    gaps, bounds = precision.greedy_margins(model, out, 5)
+    assert len(gaps) == len(bounds) == 20 and all(g >= 0 for g in gaps) and all(b > 0 for b in bounds)
+    with torch.no_grad():  # step 0 by hand: the last position of the prompt
+        top2 = model(idx)[0][:, -1].topk(2).values
+    assert gaps[0] == (top2[:, 0] - top2[:, 1]).min().item()
+    size = precision.logit_term_sizes(model, idx)[:, -1].max().item()
+    assert bounds[0] == precision.gpt_logit_bound(model.config, 5, size, torch.float32)["worst"]
+    assert bounds[-1] == precision.gpt_logit_bound(
+        model.config, 16, precision.logit_term_sizes(model, out[:, 8:24])[:, -1].max().item(),
+        torch.float32)["worst"]

@@ -88,8 +88,8 @@ def mlp_split_before_gelu(p: int = 2, seed: int = 0) -> float:
     added on rank 0 only, to be generous). Applying GELU to it before summing is the mistake:
     GELU(s_0 + s_1) != GELU(s_0) + GELU(s_1). c_proj is then applied on every rank, the ranks'
     results are all-reduced and c_proj's bias is added once. Returns the largest absolute
-    difference from the dense `model.MLP` (n_embd 48, so p must divide 48; p = 1 splits nothing
-    and returns 0). The correct split (`tp_model.TPMLP`) stays within float32 rounding, ~1e-7.
+    difference from the dense `model.MLP` (n_embd 48, so p must divide 48; p = 1 splits nothing:
+    only rounding remains, as c_proj's bias is added after its matmul, not inside it). The correct split (`tp_model.TPMLP`) stays within float32 rounding, ~1e-7.
     """
     mlp, x = _mlp_case(seed)
 
@@ -118,7 +118,7 @@ def attention_contiguous_qkv_split(p: int = 2, seed: int = 0) -> float:
     mistake takes rows [r 3C/p, (r+1) 3C/p) instead, so at p = 2 rank 0 holds all of q and half of
     k, and reads its "k" from q's rows. Everything else is the correct `tp_model.TPCausalSelfAttention`.
     Returns the largest absolute difference from the dense `model.CausalSelfAttention` (n_embd 48,
-    n_head 6, so p must divide 6; p = 1 splits nothing and returns 0).
+    n_head 6, so p must divide 6; p = 1 splits nothing: rounding only, as for the MLP).
     """
     attn, x = _attention_case(seed)
 

@@ -22,7 +22,8 @@ import math
 
 import torch
 
-__all__ = ["unit_roundoff", "sum_bound", "additions_on_path", "gpt_logit_bound"]
+__all__ = ["unit_roundoff", "sum_bound", "additions_on_path", "gpt_logit_bound", "logit_term_sizes",
+           "greedy_margins"]
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -65,3 +66,39 @@ def gpt_logit_bound(config, T: int, magnitude: float, dtype: torch.dtype) -> dic
     """
     n, u = additions_on_path(config, T), unit_roundoff(dtype)
     return {"n": n, "worst": 2 * n * u * magnitude, "typical": math.sqrt(n) * u * magnitude}
+
+
+def logit_term_sizes(model, idx):
+    """M at every position of idx, (B, T): max over the vocabulary of sum_c |h_c| |W_vc|.
+
+    h is the output of ln_f for that position, W the head's weight: the size of the terms whose sum
+    is a logit, which `gpt_logit_bound` turns a relative error into logit units with. `model` is a
+    dense `model.GPT`.
+    """
+    t = model.transformer
+    with torch.no_grad():
+        x = t.wte(idx) + t.wpe(torch.arange(idx.size(1), device=idx.device))  # (B, T, C)
+        for block in t.h:
+            x = block(x)
+        h = t.ln_f(x)  # (B, T, C): the head's input
+        return (h.abs() @ model.lm_head.weight.abs().T).amax(dim=-1)  # (B, T)
+
+
+def greedy_margins(model, tokens, n_prompt: int) -> tuple[list, list]:
+    """How close each greedy choice that produced tokens[:, n_prompt:] was, and how close is too close.
+
+    For every step: the smallest gap, over the batch, between the best and the second-best logit,
+    and `gpt_logit_bound`'s worst case for that step's context and M. A gap above its bound cannot
+    be closed by the rounding of another summation order (a tensor-parallel run, another kernel,
+    another thread count), so the same tokens come out on any machine.
+    """
+    config, dtype = model.config, next(model.parameters()).dtype
+    gaps, bounds = [], []
+    with torch.no_grad():
+        for t in range(n_prompt, tokens.size(1)):
+            context = tokens[:, :t][:, -config.block_size:]  # (B, T_t), as generate crops it
+            top2 = model(context)[0][:, -1].topk(2, dim=-1).values  # (B, 2)
+            gaps.append((top2[:, 0] - top2[:, 1]).min().item())
+            size = logit_term_sizes(model, context)[:, -1].max().item()
+            bounds.append(gpt_logit_bound(config, context.size(1), size, dtype)["worst"])
+    return gaps, bounds
