@@ -1,7 +1,8 @@
 """Real processes: the same layer code on torch.distributed (gloo), and a failing rank.
 
-Spawning costs seconds (each child imports torch), so the file spawns twice: one run checks the
-collectives of DistGroup and the TP GPT against the dense model, the other a rank that raises.
+Spawning costs seconds (each child imports torch), so the file spawns three times: one run checks the
+collectives of DistGroup and the TP GPT against the dense model, one that ranks finishing in reverse
+order come back in rank order, one a rank that raises.
 The rank functions live at module level so that the spawned children can import them.
 """
 
@@ -46,6 +47,13 @@ def fail_on_rank_1(group):
     group.all_reduce(torch.ones(1))  # rank 0 waits here for rank 1, until it is stopped
 
 
+def finish_in_reverse_rank_order(group, step):
+    """After a barrier, rank r sleeps (p - 1 - r) * step seconds: rank 0 returns last. Returns (rank, when)."""
+    group.all_reduce(torch.ones(1))  # the ranks leave together
+    time.sleep((group.world_size - 1 - group.rank) * step)
+    return group.rank, time.time()
+
+
 def test_default_backend_on_this_machine():
     assert default_backend(2) == ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "gloo")
 
@@ -72,6 +80,13 @@ def test_tp_gpt_on_two_real_processes_matches_dense():
         assert out["bytes"] == {"all_reduce": 2 * 4 * 2 * 16 * 48 * 4}
         torch.testing.assert_close(out["c_fc_grad"], dense.transformer.h[0].mlp.c_fc.weight.grad.chunk(2)[r], **FLOAT32)
         assert torch.equal(out["generated"], dense.generate(idx[:, :4], 12))
+
+
+def test_results_come_in_rank_order_when_rank_0_returns_last():
+    results = run_processes(finish_in_reverse_rank_order, 3, 1.0, backend="gloo", timeout=120.0)
+    assert [rank for rank, _ in results] == [0, 1, 2]
+    returned = [when for _, when in results]
+    assert returned[0] > returned[1] > returned[2]  # they did finish in reverse order
 
 
 def _rank_processes():

@@ -4,10 +4,13 @@ Used from chapter 2 (the collectives on real processes) and derived in chapter 8
 `run_processes(fn, p, *args)` starts p fresh Python processes, joins them into one
 torch.distributed group on 127.0.0.1 and calls `fn(DistGroup(), *args)` on each (a `ShmGroup`
 with shm=True). `fn` must be importable by the children (a module-level function in a module, not
-one defined in a notebook cell); args and results must pickle.
+one defined in a notebook cell); args and results must pickle. A script that calls run_processes
+must do so under `if __name__ == "__main__":` (the children run the script's top-level code to find
+a function defined there); without it the call fails at once, saying so.
 
 What can go wrong, and what the caller sees (tests/test_launch_faults.py checks each):
-- a rank raises: a RankError naming it, with its traceback, as soon as it happens;
+- a rank raises: a RankError naming it, with its traceback, as soon as it happens (the rank then
+  waits to be stopped, so the ranks waiting for it in a collective are reported as still running);
 - a rank dies (os._exit, a signal, a crash): a RankError naming it and its exit code, with the
   last lines it wrote (a crash prints its Python traceback there: faulthandler is on);
 - ranks disagree about collectives: a rank waiting in one that the others never join fails after
@@ -20,11 +23,16 @@ In every case all the children are stopped before the call returns or raises.
 
 How. The children are plain subprocesses (not multiprocessing: no resource tracker, no tensors in
 multiprocessing's shared memory), each the leader of its own process group, so stopping a rank
-(SIGTERM, then SIGKILL) also stops anything it started. The parent hosts the rendezvous store on
-a port the OS picks, so concurrent calls never collide; the job goes to the children and their
-results come back through that store. Each child watches its stdin, a pipe from the parent, and
-exits if the parent dies. What a rank prints is shown here as "[rank r] ..." lines; its stderr is
-kept for error messages.
+(SIGTERM, then SIGKILL) also stops anything it started. Nothing pickled goes through a socket:
+the job (fn and args, pickled, length-prefixed) goes to each child over its stdin, a pipe from the
+parent, and each rank's result or error comes back, pickled, over a pipe of its own (a file
+descriptor the child inherits), read by a thread in the parent. So the parent unpickles only what
+its own children wrote, and the children only what the parent wrote. The parent also hosts the
+rendezvous store that torch.distributed needs, on a socket it binds to 127.0.0.1 itself (port 0:
+the OS picks a free one, so concurrent calls never collide); the store carries only the
+rendezvous, and listens on the loopback interface alone. The parent keeps each child's stdin open:
+the child watches it and exits at end of file, that is, when the parent dies. What a rank prints is
+shown here as "[rank r] ..." lines; its stderr is kept for error messages.
 """
 
 import json
@@ -32,6 +40,8 @@ import os
 import pickle
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -46,23 +56,18 @@ import torch.distributed as dist
 from .comm import DistGroup, RankError, ShmGroup
 
 _SPEC_ENV = "TPUTIL_LAUNCH_SPEC"
-_JOB, _RESULT = "tputil/job", "tputil/result/"
-# Arguments and results travel through the TCP store, which drops a message over 8 MiB (torch 2.13).
-_STORE_LIMIT = 8 * 2**20 - 2**16
-
-
-def _fits_store(payload: bytes, what: str) -> bytes:
-    """payload itself, or a ValueError saying what to do when it is too big for the store."""
-    if len(payload) > _STORE_LIMIT:
-        raise ValueError(f"{what} pickle to {len(payload) / 2**20:.1f} MiB, over the {_STORE_LIMIT / 2**20:.1f} MiB "
-                         f"that run_processes can pass through its TCP store: build large objects inside the "
-                         f"rank function (for example from a seed), or pass a file path instead")
-    return payload
 # the child first takes the parent's sys.path (so it finds what the parent finds), then starts
 _BOOT = (f"import json, os, sys; sys.path[:] = json.loads(os.environ['{_SPEC_ENV}'])['sys_path']; "
          f"from tputil.launch import _child_main; _child_main()")
 _GRACE = 1.0  # s: after a rank fails in a collective, how long to look for the rank that caused it
 _TAIL = 40  # lines of each rank's output kept for error messages
+_POLL = 0.01  # s between two looks at the ranks
+_HEADER = struct.Struct("<Q")  # on both pipes, each pickle is preceded by its length in bytes
+# The libuv store (torch's default) serves a socket handed to it (master_listen_fd) only since pytorch
+# PR 150215 (2025, which added its missing listen call; checked on torch 2.13): on older versions the
+# previous implementation (use_libuv=False) serves it.
+_LIBUV_TAKES_A_SOCKET = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 8)
+_loading_main = None  # in a child: the parent's main script while the child runs it (see _load_main)
 
 
 def default_backend(world_size: int) -> str:
@@ -84,6 +89,21 @@ def _to_cpu(obj):
     return obj
 
 
+def _frame(payload: bytes) -> bytes:
+    """payload preceded by its length, as it goes through a pipe."""
+    return _HEADER.pack(len(payload)) + payload
+
+
+def _read_frame(pipe):
+    """The next length-prefixed payload from a binary file object, or None if it ends before one is whole."""
+    header = pipe.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    (size,) = _HEADER.unpack(header)
+    payload = pipe.read(size)
+    return payload if len(payload) == size else None
+
+
 def _check_importable(fn):
     """Children find fn by its module and name: fail early, clearly, if they cannot."""
     main_has_file = hasattr(sys.modules.get("__main__"), "__file__")
@@ -92,6 +112,22 @@ def _check_importable(fn):
         raise ValueError(f"run_processes needs a function the child processes can import, but {name or fn!r} "
                          f"is defined in a notebook cell, inside a function or as a lambda: define it at "
                          f"module level in a .py file and import it")
+
+
+class _UnguardedCall(RuntimeError):
+    """run_processes called by the top-level code of a main script that a child is running."""
+
+
+def _check_not_loading_main():
+    """In a child that runs the parent's script to find fn, that script must not call run_processes again."""
+    if _loading_main is not None:
+        kind, target = _loading_main
+        script = target if kind == "path" else f"the module {target}"
+        raise _UnguardedCall(
+            f"run_processes was called from the top level of {script}, without an `if __name__ == \"__main__\":` "
+            f"guard. Each child process runs that script's top-level code to find the function it must run, "
+            f"so there the call would start processes again, without end. Put the call to run_processes "
+            f"(and whatever should run only once) under `if __name__ == \"__main__\":`")
 
 
 def _main_to_load(fn):
@@ -105,25 +141,65 @@ def _main_to_load(fn):
     return ("path", os.path.abspath(main.__file__))
 
 
+def _loopback_store(timeout: float):
+    """The rendezvous store, listening on 127.0.0.1 alone, on a port the OS picks.
+
+    TCPStore("127.0.0.1", 0, is_master=True) listens on every interface (the host name only says
+    where its own client connects), so the socket is bound here and handed to the store, which owns
+    it from then on and closes it when it is deleted.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+    except BaseException:
+        sock.close()
+        raise
+    fd = sock.detach()
+    try:
+        return dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                             timeout=timedelta(seconds=timeout), master_listen_fd=fd,
+                             use_libuv=_LIBUV_TAKES_A_SOCKET)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 # ------------------------------------------------------------------------------- one child process
 
 class _Rank:
-    """One child process: started at once, its output read by two threads, its result polled."""
+    """One child process, started at once: its job written to its stdin, its output and its result
+    read by threads."""
 
-    def __init__(self, rank, spec, echo):
+    def __init__(self, rank, spec, job, echo):
         self.rank = rank
         self.output = deque(maxlen=_TAIL)  # its last lines, stdout and stderr together
+        self.result = None  # the pickled message the rank sent back, once it is whole
         p = spec["world_size"]
-        env = {**os.environ, _SPEC_ENV: json.dumps({**spec, "rank": rank}), "PYTHONUNBUFFERED": "1",
-               "OMP_NUM_THREADS": str(spec["threads"]), "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(p), "LOCAL_WORLD_SIZE": str(p), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(spec["port"])}  # torchrun's variables too, for code that reads them
-        self.proc = subprocess.Popen([sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env, start_new_session=True)
+        result_r, result_w = os.pipe()  # the rank writes its result into result_w, its own copy
+        try:
+            env = {**os.environ, _SPEC_ENV: json.dumps({**spec, "rank": rank, "result_fd": result_w}),
+                   "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(spec["threads"]), "RANK": str(rank),
+                   "LOCAL_RANK": str(rank), "WORLD_SIZE": str(p), "LOCAL_WORLD_SIZE": str(p),
+                   "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(spec["port"])}  # torchrun's variables too, for code that reads them
+            self.proc = subprocess.Popen([sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, env=env, start_new_session=True,
+                                         pass_fds=(result_w,))
+        except BaseException:
+            os.close(result_r)
+            raise
+        finally:
+            os.close(result_w)  # the child holds the only copy left
         self.readers = [threading.Thread(target=self._read, args=(self.proc.stdout, sys.stdout if echo else None),
                                          daemon=True),
                         threading.Thread(target=self._read, args=(self.proc.stderr, None), daemon=True)]
-        for t in self.readers:
+        self.receiver = threading.Thread(target=self._receive, args=(result_r,), daemon=True)
+        # a large job fills the pipe before the child reads it: write it from a thread, so that the
+        # ranks start side by side. stdin stays open: the child exits when it closes.
+        self.sender = threading.Thread(target=self._send, args=(job,), daemon=True)
+        for t in (*self.readers, self.receiver, self.sender):
             t.start()
 
     def _read(self, pipe, echo_to):
@@ -133,15 +209,29 @@ class _Rank:
             if echo_to is not None:
                 echo_to.write(f"[rank {self.rank}] {line}\n")
 
-    def poll(self, store):
+    def _send(self, job):
+        try:
+            self.proc.stdin.write(job)
+            self.proc.stdin.flush()
+        except (OSError, ValueError):
+            pass  # the child is gone (or being stopped): poll says why
+
+    def _receive(self, fd):
+        with open(fd, "rb") as pipe:
+            self.result = _read_frame(pipe)
+
+    def poll(self):
         """None while running; ("ok", value), ("error", kind, traceback) or ("died", exit code)."""
-        key = f"{_RESULT}{self.rank}"
-        if not store.check([key]):
+        if self.result is None:
             code = self.proc.poll()
-            if code is None or not store.check([key]):  # look again: it may have sent a result, then exited
-                return None if code is None else ("died", code)
-        message = pickle.loads(store.get(key))
-        return ("ok", pickle.loads(message[1])) if message[0] == "ok" else message
+            if code is None:
+                return None
+            # it may have sent its result, then exited: the end of it is still in the pipe (a rank that
+            # exits with 0 always sent one, so give the reading thread time on a loaded machine)
+            self.receiver.join(10.0 if code == 0 else _GRACE)
+            if self.result is None:
+                return ("died", code)
+        return pickle.loads(self.result)  # written by this rank's process and no other: see _child_main
 
     def signal_group(self, sig):
         try:
@@ -167,10 +257,11 @@ def _stop(ranks, grace: float = 2.0):
     for r in ranks:
         r.signal_group(signal.SIGKILL)  # also grandchildren that outlived their rank
         r.proc.wait()
-        r.proc.stdin.close()
     for r in ranks:
-        for t in r.readers:
+        for t in (*r.readers, r.sender, r.receiver):
             t.join(1.0)
+        if not r.sender.is_alive():  # (one still writing holds the pipe; it fails once nothing reads it)
+            r.proc.stdin.close()
         r.proc.stdout.close()
         r.proc.stderr.close()
 
@@ -185,16 +276,17 @@ def run_processes(fn, world_size: int, *args, backend: str | None = None, timeou
     shm: hand fn a `ShmGroup` instead, whose all-reduces go through shared memory (CPU only).
     `timeout` bounds the whole call (start-up included); `collective_timeout` how long a rank may
     wait inside one collective for the others (at most `timeout`). echo: show what the ranks print.
-    Errors: RankError naming the rank that failed or died (see the module docstring), TimeoutError.
+    Errors: RankError naming the rank that failed or died (see the module docstring), TimeoutError;
+    RuntimeError when a script calls it without an `if __name__ == "__main__":` guard.
     """
+    _check_not_loading_main()
     _check_importable(fn)
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size={world_size!r}: it must be a positive integer")
     backend = backend or default_backend(world_size)
     collective_timeout = min(collective_timeout, timeout)
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=timeout))  # port 0: the OS picks a free one
-    store.set(_JOB, _fits_store(pickle.dumps((fn, args)), "the arguments"))
+    job = _frame(pickle.dumps((fn, args)))
+    store = _loopback_store(timeout)  # the rendezvous only: nothing read from it is unpickled
     spec = dict(world_size=world_size, port=store.port, backend=backend, timeout=timeout,
                 collective_timeout=collective_timeout, sys_path=sys.path, main=_main_to_load(fn), shm=shm,
                 # the ranks share the cores: each gets its share of intra-op threads (as torchrun does),
@@ -203,25 +295,29 @@ def run_processes(fn, world_size: int, *args, backend: str | None = None, timeou
     ranks = []
     try:
         for r in range(world_size):
-            ranks.append(_Rank(r, spec, echo))
-        return _collect(ranks, store, timeout, collective_timeout)
+            ranks.append(_Rank(r, spec, job, echo))
+        del job
+        return _collect(ranks, timeout, collective_timeout)
     finally:
         _stop(ranks)
         del store
 
 
-def _collect(ranks, store, timeout, collective_timeout):
+def _collect(ranks, timeout, collective_timeout):
     p, deadline = len(ranks), time.monotonic() + timeout
     done, failed, failed_at = {}, {}, None  # rank -> result; rank -> failure, in the order seen
     while len(done) < p:
         for r in ranks:
             if r.rank not in done and r.rank not in failed:
-                event = r.poll(store)
+                event = r.poll()
                 if event is not None and event[0] == "ok":
                     done[r.rank] = event[1]
                 elif event is not None:
                     failed[r.rank] = event
                     failed_at = failed_at or time.monotonic()
+        unguarded = [e for e in failed.values() if e[0] == "error" and e[1] == "unguarded"]
+        if unguarded:
+            raise RuntimeError(unguarded[0][2])
         if failed:
             causes = [k for k, e in failed.items() if e[0] == "died" or e[1] in ("own", "timeout")]
             # a connection lost inside a collective is usually the echo of another rank's failure:
@@ -234,7 +330,7 @@ def _collect(ranks, store, timeout, collective_timeout):
                                f"(ranks {sorted(done)} returned). A rank waiting inside a collective fails after "
                                f"collective_timeout={collective_timeout}s; one stuck outside any (an endless loop, "
                                f"a sleep) is stopped only by this timeout")
-        time.sleep(0.01)
+        time.sleep(_POLL)
     return [done[r] for r in range(p)]
 
 
@@ -292,6 +388,8 @@ def _explain(ranks, done, failed, collective_timeout) -> RankError:
 
 def _failure_kind(exc) -> str:
     """'timeout' or 'comm' for errors of the communication layer, 'own' for the rank's own errors."""
+    if isinstance(exc, _UnguardedCall):
+        return "unguarded"
     text = str(exc)
     comm = isinstance(exc, getattr(dist, "DistError", ())) or (
         isinstance(exc, RuntimeError) and any(s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed",
@@ -310,28 +408,40 @@ def _exit_with_parent():
 
 def _load_main(kind, target):
     """Run the parent's main script as module __mp_main__, also seen as __main__ (as multiprocessing does)."""
+    global _loading_main
     import runpy
     import types
-    namespace = (runpy.run_path(target, run_name="__mp_main__") if kind == "path"
-                 else runpy.run_module(target, run_name="__mp_main__", alter_sys=False))
+    _loading_main = (kind, target)  # a call of run_processes meanwhile comes from the script's top level
+    try:
+        namespace = (runpy.run_path(target, run_name="__mp_main__") if kind == "path"
+                     else runpy.run_module(target, run_name="__mp_main__", alter_sys=False))
+    finally:
+        _loading_main = None
     module = types.ModuleType("__mp_main__")
     module.__dict__.update(namespace)
     sys.modules["__main__"] = sys.modules["__mp_main__"] = module
 
 
 def _child_main():
-    """The body of a child process: rendezvous, run fn, send back its result or its error."""
+    """The body of a child process: read the job, rendezvous, run fn, send back its result or its error."""
     import faulthandler
     faulthandler.enable()  # a crash prints the Python traceback to stderr, which the parent keeps
     spec = json.loads(os.environ.pop(_SPEC_ENV))
     rank, world_size = spec["rank"], spec["world_size"]
+    os.set_inheritable(spec["result_fd"], False)  # this process's alone: not for what fn starts
+    results = os.fdopen(spec["result_fd"], "wb")
+    job = _read_frame(sys.stdin.buffer)  # from the parent, through the pipe it holds: no one else can write it
+    if job is None:
+        os._exit(70)  # the parent died before it sent the whole job
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     torch.set_num_threads(spec["threads"])
     store = dist.TCPStore("127.0.0.1", spec["port"], is_master=False, timeout=timedelta(seconds=spec["timeout"]))
+    ok = False
     try:
         if spec["main"]:
             _load_main(*spec["main"])
-        fn, args = pickle.loads(store.get(_JOB))
+        fn, args = pickle.loads(job)
+        del job
         if spec["backend"] == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         # start-up may take up to `timeout` (ranks start at different times); the collectives of fn run
@@ -341,12 +451,21 @@ def _child_main():
         group = dist.new_group(list(range(world_size)), timeout=timedelta(seconds=spec["collective_timeout"]))
         value = fn(ShmGroup(group, timeout=spec["collective_timeout"]) if spec["shm"] else DistGroup(group), *args)
         # plain pickle copies tensor data into bytes (no shared memory that dies with this process)
-        message = ("ok", _fits_store(pickle.dumps(_to_cpu(value)), f"rank {rank}'s result"))
+        message = pickle.dumps(("ok", _to_cpu(value)))
+        ok = True
     except BaseException as exc:  # noqa: B902 - sent to the parent, which raises it
-        message = ("error", _failure_kind(exc), traceback.format_exc())
-    store.set(f"{_RESULT}{rank}", pickle.dumps(message))
+        kind = _failure_kind(exc)
+        message = pickle.dumps(("error", kind, str(exc) if kind == "unguarded" else traceback.format_exc()))
+    results.write(_frame(message))
+    results.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    if message[0] == "ok" and dist.is_initialized():
-        dist.destroy_process_group()  # after an error the parent stops us; tearing down could hang
-    os._exit(0)
+    if ok:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os._exit(0)
+    # After an error, wait for the parent to stop this process (it does so at once). Exiting now would
+    # close this rank's connections: a rank waiting for it in a collective would fail too ("Connection
+    # closed"), and be reported so instead of as still running; tearing the group down could hang.
+    while True:
+        time.sleep(60)

@@ -72,7 +72,7 @@ def report_then_sleep(group, seconds=60.0):
 
 
 def big_result(group, n_floats):
-    """Every rank returns a tensor of n_floats float32 numbers (too big to send back past 8 MiB)."""
+    """Every rank returns a tensor of n_floats float32 numbers (a large result: 3 * 2**20 of them are 12 MiB)."""
     return torch.zeros(n_floats)
 
 

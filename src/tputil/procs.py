@@ -19,10 +19,10 @@ unchanged (that is the chapter's point: same code, same numbers), and so do the 
   `run_processes(..., shm=True)`): the forward, all-reduces timed through gloo and through shared
   memory, and what a mismatched all-reduce reports.
 
-The arguments and results of `run_processes` travel through its rendezvous store, which takes
-messages of a few MiB at most (8 MiB in torch 2.13): the chapter's model (220 K parameters)
-travels whole, but the larger models that are only timed are built on every rank from a seed,
-as a real program builds or loads its shard on each rank instead of sending it.
+The arguments and results of `run_processes` travel pickled, through pipes between the parent and
+each rank: the chapter's model (220 K parameters) travels whole, but the larger models that are
+only timed are built on every rank from a seed, as a real program builds or loads its shard on
+each rank instead of sending it.
 """
 
 import os
