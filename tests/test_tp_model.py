@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from tp_helpers import DEGREES, FLOAT32, FLOAT64, PROPERTY, make_gpt
+from tp_helpers import DEGREES, FLOAT32, FLOAT64, PROPERTY, assert_no_close_calls, make_gpt
 from tputil.comm import RankError, SingleGroup, run_threads
 from tputil.shard import shard_shapes, shard_state_dict
 from tputil.tp_model import TPGPT, TPBlock, TPCausalSelfAttention, TPMLP
@@ -98,6 +98,7 @@ def test_tp_gpt_generates_the_same_tokens(p):
     dense = make_gpt(n_layer=4)
     idx = torch.randint(0, 64, (2, 4))
     expected = dense.generate(idx, 52)  # 56 tokens > block_size 32: cropping is exercised too
+    assert_no_close_calls(dense, expected, 4)
     results = run_threads(lambda g: TPGPT.from_dense(dense, group=g).generate(idx, 52), p)
     for out in results:
         assert out.shape == (2, 56)
@@ -150,7 +151,11 @@ def test_p_1_is_the_dense_model():
     for (n, a), b in zip(dense.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), n
     idx = torch.randint(0, 64, (B, T))
-    assert torch.equal(model(idx)[0], dense(idx)[0])
+    with torch.no_grad():
+        out, ref = model(idx)[0], dense(idx)[0]
+    # The same products, but each row-parallel bias is added after its matmul rather than inside
+    # it (addmm), which some kernels round differently (MKL_CBWR=COMPATIBLE): rounding only.
+    torch.testing.assert_close(out, ref, **FLOAT32)
 
 
 def test_a_degree_that_does_not_divide_the_heads_is_rejected():

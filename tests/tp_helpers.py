@@ -44,3 +44,14 @@ def make_gpt(seed=0, dtype=torch.float32, **overrides):
             elif ".ln_" in name:
                 p.normal_(1.0, 0.1)
     return model.to(dtype).eval()
+
+
+def assert_no_close_calls(model, tokens, n_prompt):
+    """The premise of comparing greedy tokens across summation orders (ranks, kernels, thread counts).
+
+    Every step's gap between the best and the second-best logit must exceed chapter 7's worst-case
+    bound on float32 rounding of a logit; then no order of summation can flip a choice.
+    """
+    from tputil import precision
+    gaps, bounds = precision.greedy_margins(model, tokens, n_prompt)
+    assert all(g > b for g, b in zip(gaps, bounds)), f"a close call: gap/bound {min(g / b for g, b in zip(gaps, bounds)):.2f}"
