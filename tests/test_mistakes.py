@@ -26,7 +26,8 @@ def test_row_parallel_bias_on_every_rank_is_off_by_p_minus_1_times_b(p):
 
 
 def test_row_parallel_bias_mistake_is_harmless_on_one_rank():
-    assert mistakes.row_parallel_bias_on_every_rank(p=1, seed=0) < 1e-6
+    # rounding only: the bias is added to the matmul's result here, inside it (addmm) in nn.Linear
+    assert mistakes.row_parallel_bias_on_every_rank(p=1, seed=0) < 1e-5
 
 
 @pytest.mark.parametrize("p", [2, 4])

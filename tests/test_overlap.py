@@ -3,8 +3,9 @@
 On `run_threads` the all-reduces are synchronous, so these tests check the arithmetic: the chunked
 streams, the causal attention over earlier chunks' keys, the fused column-parallel backward, the
 counted collectives. The asynchronous path on real processes is checked by the benchmark's
-correctness guard (tests/test_bench.py runs it). Tolerance: FLOAT32 (see tp_helpers); with one
-chunk the arithmetic is the plain model's, bit for bit.
+correctness guard (tests/test_bench.py runs it). Tolerance: FLOAT32 (see tp_helpers), with one
+chunk too: its products are the plain model's, but through matmuls of other shapes, which some
+kernels (MKL_CBWR=COMPATIBLE) round differently.
 """
 
 import pytest
@@ -38,9 +39,8 @@ def test_overlapped_forward_equals_the_plain_model(cls, p, chunks):
     dense = make_gpt()  # n_head 12, every bias and norm random
     idx, targets = torch.randint(0, 64, (B, T)), torch.randint(0, 64, (B, T))
     for plain, overlapped, calls in run_threads(plain_and_overlapped, p, dense, cls, idx, targets, chunks):
-        tol = dict(rtol=0, atol=0) if chunks == 1 else FLOAT32
-        torch.testing.assert_close(overlapped[0], plain[0], **tol)
-        torch.testing.assert_close(overlapped[1], plain[1], **tol)
+        torch.testing.assert_close(overlapped[0], plain[0], **FLOAT32)
+        torch.testing.assert_close(overlapped[1], plain[1], **FLOAT32)
         assert overlapped[2].keys() == plain[2].keys()
         for name in plain[2]:
             torch.testing.assert_close(overlapped[2][name], plain[2][name], **FLOAT32, msg=name)

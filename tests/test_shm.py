@@ -6,6 +6,7 @@ covers the processes (as in test_launch_faults) and the shared-memory files in /
 """
 
 import glob
+import os
 import random
 import tempfile
 import time
@@ -40,9 +41,10 @@ def _inputs(rank, n_calls=40, seed=0):
     return calls
 
 
-def compare_with_gloo(group, capacity_bytes):
+def compare_with_gloo(group, capacity_bytes, ordered_stores=None):
     """Every call through ShmGroup and through plain gloo (DistGroup on the same processes)."""
-    shm = ShmGroup(group.process_group, capacity_bytes=capacity_bytes, timeout=20.0)
+    kind = ShmGroup if ordered_stores is None else type("Shm", (ShmGroup,), {"ordered_stores": ordered_stores})
+    shm = kind(group.process_group, capacity_bytes=capacity_bytes, timeout=20.0)
     gloo = DistGroup(group.process_group)
     skew = random.Random(group.rank)
     same_as_gloo, same_as_rank_order, untouched = [], [], []
@@ -66,7 +68,7 @@ def compare_with_gloo(group, capacity_bytes):
         same_as_rank_order[-1] &= got.dtype == x.dtype and got.shape == x.shape
     return dict(same_as_gloo=same_as_gloo, same_as_rank_order=same_as_rank_order, untouched=untouched,
                 shm_calls=shm._seq, counted=dict(shm.stats.calls), counted_bytes=dict(shm.stats.bytes),
-                gloo_counted=dict(gloo.stats.calls))
+                gloo_counted=dict(gloo.stats.calls), ordered_stores=shm.ordered_stores)
 
 
 def tp_gpt_shm_and_gloo(group, dense, idx, targets):
@@ -113,10 +115,12 @@ def nothing_left_behind():
     assert after_files <= before_files, after_files - before_files
 
 
-@pytest.mark.parametrize("p", [2, 3])
-def test_shm_all_reduce_matches_gloo_and_rank_order(p, nothing_left_behind):
-    # capacity 64 KiB: the (40000,) float32/float64/int64 calls do not fit and take gloo's path
-    results = run_processes(compare_with_gloo, p, 64 * 1024, backend="gloo", timeout=120.0)
+@pytest.mark.parametrize("p, ordered_stores", [(2, None), (3, None), (2, False), (3, False)])
+def test_shm_all_reduce_matches_gloo_and_rank_order(p, ordered_stores, nothing_left_behind):
+    # capacity 64 KiB: the (40000,) float32/float64/int64 calls do not fit and take gloo's path.
+    # ordered_stores=False: the barrier that processors other than x86-64 use, tried here.
+    results = run_processes(compare_with_gloo, p, 64 * 1024, ordered_stores, backend="gloo", timeout=120.0)
+    assert all(out["ordered_stores"] == (ordered_stores is None) for out in results)  # x86-64 here
     calls = _inputs(0)
     fits = sum(x.numel() * x.element_size() <= 64 * 1024 for x, _ in calls)
     assert 0 < fits < len(calls)  # both paths were taken
@@ -180,8 +184,8 @@ def world_of_one():
 def test_bad_arguments_are_refused_with_what_to_do(world_of_one, nothing_left_behind):
     with pytest.raises(ValueError, match="capacity_bytes=100: it must be a positive multiple of 64"):
         ShmGroup(capacity_bytes=100)
-    with mock.patch("platform.machine", return_value="arm64"), pytest.raises(ValueError, match="use DistGroup"):
-        ShmGroup()
+    with mock.patch("platform.machine", return_value="arm64"):  # may reorder stores: a barrier orders them
+        assert ShmGroup().ordered_stores is False
     no_room = OSError(28, "No space left on device")
     with mock.patch("os.posix_fallocate", side_effect=no_room), pytest.raises(ValueError) as info:
         ShmGroup(capacity_bytes=1 << 20)
@@ -192,8 +196,16 @@ def test_bad_arguments_are_refused_with_what_to_do(world_of_one, nothing_left_be
     assert alone.all_reduce(x) is x and alone.stats.total_calls == 0  # one rank: nothing to reduce
 
 
-def test_one_slot_is_not_enough_two_are(nothing_left_behind):
-    out = run_processes(launch_demos.shm_slots, 2, backend="gloo", timeout=60.0)
+@pytest.mark.parametrize("ordered_stores", [None, False])
+def test_one_slot_is_not_enough_two_are(ordered_stores, nothing_left_behind):
+    # with the barrier of other processors too: a fast rank still overwrites a one-slot buffer
+    out = run_processes(launch_demos.shm_slots, 2, (1, 2), 0.2, ordered_stores, backend="gloo", timeout=60.0)
     assert [o[2] for o in out] == [[[3.0] * 4, [30.0] * 4]] * 2  # two slots: right on both ranks
     assert out[0][1] == [[3.0] * 4, [30.0] * 4]
     assert out[1][1] == [[12.0] * 4, [30.0] * 4]  # one slot: the slow reader got rank 0's next tensor
+
+
+def test_without_posix_fallocate_the_segment_is_sized_by_ftruncate(world_of_one, nothing_left_behind, monkeypatch):
+    monkeypatch.delattr(os, "posix_fallocate")  # as on macOS
+    shm = ShmGroup(capacity_bytes=1 << 20)
+    assert shm._mapped.numel() == 2 * 1 * 8 * 8 + 2 * (1 << 20)  # headers, then 2 slots x 1 rank x 1 MiB

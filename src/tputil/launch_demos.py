@@ -76,13 +76,14 @@ def big_result(group, n_floats):
     return torch.zeros(n_floats)
 
 
-def shm_slots(group, slots=(1, 2), delay=0.2):
+def shm_slots(group, slots=(1, 2), delay=0.2, ordered_stores=None):
     """Two all-reduces through a ShmGroup with each number of `slots`, rank 1 slow to read; returns the sums.
 
     Rank r brings r + 1, then 10 * (r + 1): the right sums are 3 and 30 (at p = 2). Rank 1 waits
     `delay` seconds between seeing that everyone has written and reading the buffers. With two
     slots that is harmless; with one, rank 0 meanwhile writes its second tensor over its first,
-    and rank 1's first sum comes out wrong, with no error.
+    and rank 1's first sum comes out wrong, with no error. ordered_stores: ShmGroup's setting
+    (None: the processor's), so that the barrier it uses on other processors can be tried here.
     """
     from .comm import ShmGroup
 
@@ -94,6 +95,7 @@ def shm_slots(group, slots=(1, 2), delay=0.2):
 
     out = {}
     for n in slots:
-        shm = type(f"SlowReader{n}", (SlowReader,), {"slots": n})(group.process_group, timeout=20.0)
+        shm = type(f"SlowReader{n}", (SlowReader,), {"slots": n, "ordered_stores": ordered_stores})(
+            group.process_group, timeout=20.0)
         out[n] = [shm.all_reduce(torch.full((4,), float(group.rank + 1) * scale)).tolist() for scale in (1, 10)]
     return out

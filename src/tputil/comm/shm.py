@@ -26,9 +26,12 @@ rank that died or skipped the call) raises `CollectiveError` naming the ranks th
 ranks that arrive with different sizes, ops or dtypes raise at once. The segment is unlinked as soon
 as every rank has mapped it, so it vanishes with the processes, whatever way they end.
 
-Only for CPU tensors of ranks on the same machine, and only on x86-64, whose memory model keeps
-this rank's stores in program order for the other ranks (the data before the header); on other
-processors use `DistGroup`.
+Only for CPU tensors of ranks on the same machine. On x86-64 the processor keeps a core's stores in
+program order for the other cores (the data is seen before the sequence number written after it).
+Other processors, ARM among them, may show them out of order, so there (`ordered_stores` False)
+each all-reduce also passes a barrier through the process group after writing: a message through
+the kernel, which orders the stores, at about the cost of one gloo collective. The sums are the
+same bits either way.
 """
 
 import os
@@ -54,13 +57,14 @@ class ShmGroup(DistGroup):
     """A DistGroup whose all-reduces of CPU tensors go through a shared-memory segment (see the module)."""
 
     slots = 2  # alternating slots of buffers and headers; 2 are needed (see the module)
+    # whether other cores see this core's stores in program order (x86-64); None: ask the processor
+    ordered_stores: bool | None = None
     async_all_reduce = False  # its all-reduce is synchronous, and too quick to be worth hiding (`overlap`)
 
     def __init__(self, process_group=None, *, capacity_bytes: int = 8 << 20, timeout: float = 30.0):
         super().__init__(process_group)
-        if platform.machine().lower() not in ("x86_64", "amd64"):
-            raise ValueError(f"ShmGroup: this processor ({platform.machine()}) may reorder the stores that "
-                             "ShmGroup relies on; use DistGroup")
+        if self.ordered_stores is None:
+            self.ordered_stores = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
         if self.device.type != "cpu":
             raise ValueError(f"ShmGroup: the {self.backend} backend works on {self.device}; ShmGroup is for "
                              "CPU tensors (on GPUs, NCCL already uses the fastest path): use DistGroup")
@@ -90,7 +94,10 @@ class ShmGroup(DistGroup):
             folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
             fd, path = tempfile.mkstemp(prefix="tputil-shm-", dir=folder)
             try:
-                os.posix_fallocate(fd, 0, nbytes)
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, 0, nbytes)
+                else:  # macOS: no posix_fallocate; the file is sized, its memory taken when touched
+                    os.ftruncate(fd, nbytes)
                 made[0] = ("ok", path)
             except OSError as exc:
                 os.unlink(path)
@@ -126,6 +133,8 @@ class ShmGroup(DistGroup):
         header = self._headers[slot]
         header[self.rank, 1:4] = torch.tensor([n, _OPS[op], _DTYPES.index(t.dtype)])
         header[self.rank, 0] = seq  # last: the others read the data only after they see this
+        if not self.ordered_stores:
+            dist.barrier(group=self.process_group)  # every rank's stores are seen before any rank reads
         self._wait_for(slot, seq)
         if not bool((header[:, 1:4] == header[self.rank, 1:4]).all()):
             raise CollectiveError(self._mismatch(header, seq))
