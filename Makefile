@@ -1,6 +1,7 @@
 # Two commands do everything, set-up included:
 #   make book   builds the HTML book into _build/html
 #   make test   runs every test (notebooks, unit tests, the book build, a real browser)
+#   make test-portable  re-checks the notebooks' stored outputs under other kernels and thread counts
 # Both create .venv and install into it on first use.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.installed
 # make setup TORCH=torch==2.5.1 picks another torch; the default is the CPU build pinned in constraints.txt.
 TORCH  ?=
 
-.PHONY: setup browser book test execute clean
+.PHONY: setup browser book test test-portable execute clean
 
 setup: $(STAMP)
 
@@ -35,6 +36,18 @@ book: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# The notebooks under strict nbval again, once per setting that changes how float sums are rounded:
+# PyTorch's generic kernels, its AVX2 kernels, MKL's reproducible branch, and one thread. A stored
+# output or an assertion that holds on this machine only fails here. PORTABLE=... picks the settings.
+PORTABLE ?= ATEN_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1
+test-portable: $(STAMP)
+	@failed=""; for setting in $(PORTABLE); do \
+	  echo "== the notebooks with $$setting"; \
+	  env $$setting $(BIN)/python -m pytest book || failed="$$failed $$setting"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "test-portable: failed with$$failed"; exit 1; fi; \
+	echo "test-portable: passed with each of: $(PORTABLE)"
 
 # Re-execute every chapter in place (stores outputs and widget state), after editing a notebook.
 execute: $(STAMP)
