@@ -1,7 +1,7 @@
 """Collectives behind one small interface, counted, and the f/g autograd pairs built on them.
 
 Derived in chapter 2 (the collectives) and chapter 9 (the autograd pairs, used from chapter 3 on).
-A `Group` is passed explicitly to every layer: there is no global state. Three kinds of group:
+A `Group` is passed explicitly to every layer: there is no global state. Four kinds of group:
 
 - `SingleGroup()`: one rank of one; every collective is the identity (the one-device shortcut).
 - `ThreadGroup`, made by `run_threads(fn, p)`: p Python threads in this process, each running the
@@ -9,7 +9,7 @@ A `Group` is passed explicitly to every layer: there is no global state. Three k
   collectives behave like real ones (deterministic rank-order sums, errors instead of hangs).
 - `DistGroup()`: real `torch.distributed` (gloo on CPU, NCCL on GPUs), e.g. under `launch`.
 - `ShmGroup()`: a DistGroup whose all-reduces of CPU tensors between processes of one machine go
-  through shared memory instead of gloo's sockets (chapter 8 measures why).
+  through shared memory instead of gloo's sockets (chapter 8).
 
 All collectives are out of place (the input is never modified) and not differentiable by
 themselves (like torch.distributed's); gradients flow through the autograd pairs of `mappings`.
