@@ -4,7 +4,7 @@ every parameter, and the communication of a step, counted.
 The TP ranks run as threads (`run_threads`): the same SPMD code as on real processes, in one
 process, fast (the command-line test, test_cli.py, trains on real torchrun processes). Every rank
 builds `TPGPT.from_dense` from the same dense initialization and draws the same batches.
-Tolerances: `train.loss_tolerance` for the losses (derived and measured in its docstring); for
+Tolerances: `train.loss_tolerance` for the losses (chosen in chapter 9; measured here); for
 gradients FLOAT32 / FLOAT64 from tp_helpers (the same sums in another order: float32 noise about
 1e-7 relative, measured 4e-6 of a tensor's largest gradient at worst, float64 about 1e-15).
 """

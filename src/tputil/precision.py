@@ -1,19 +1,10 @@
-"""How far two float computations of the same sum can drift apart: rounding bounds for chapter 7.
+"""How far two float computations of the same sum can drift apart: rounding bounds (chapter 7).
 
-Derived in chapter 7. Every floating-point addition or multiplication rounds its exact result to
-the nearest representable number: fl(a + b) = (a + b)(1 + d) with |d| <= u, the *unit roundoff*,
-half of the machine epsilon (u = 2^-24 in float32, 2^-53 in float64, 2^-8 in bfloat16). A dot
-product or a sum of n terms, added in any order, is off from the exact value by at most about
-n u times the sum of the terms' absolute values (Higham's gamma_n, to first order in u). Two
-different orders of the same sum, such as the dense matmul and the tensor-parallel partial sums
-plus all-reduce, are each within that of the exact value, so within twice that of each other.
-
-For a whole GPT, `additions_on_path` counts the rounding steps that feed one logit along the
-longest chain through the model (each sum or dot product of n terms counted as n), and
-`gpt_logit_bound` turns it into a first-order estimate of the worst case: every step adds at most
-u of relative error, none amplifies the errors before it. That premise is not a theorem (the
-centering inside a layer norm and cancellation in sums can amplify by small factors), so chapter 7
-checks the estimate against the float64 model, which is exact by comparison.
+One rounding: fl(a + b) = (a + b)(1 + d), |d| <= u, the unit roundoff (eps / 2). A sum or dot
+product of n terms in any order is within n u sum|terms| of the exact value (Higham's gamma_n, to
+first order), so two orders are within twice that of each other. For a whole GPT the bound is a
+first-order estimate along the longest chain of roundings, not a theorem: chapter 7 derives it and
+checks it against float64.
 """
 
 from __future__ import annotations
@@ -43,13 +34,10 @@ def sum_bound(abs_sum, n: int, dtype: torch.dtype):
 
 
 def additions_on_path(config, T: int) -> int:
-    """Rounding steps along the longest chain from the embeddings to one logit (a count, not a proof).
+    """Rounding steps along the longest chain from the embeddings to one logit (chapter 7 counts them).
 
-    Per layer: ln_1 and ln_2 (a mean and a variance over C, and 4 elementwise steps: 2C + 4 each),
-    c_attn (C + 1 with the bias), attention (q.k over hs, a scale, softmax's exp, sum over T and
-    division, att @ v over T: hs + 2T + 3), attn.c_proj (C, its bias, the residual add: C + 2),
-    c_fc (C + 1), GELU (3), mlp.c_proj (4C + 2). That is 11C + hs + 2T + 20 per layer. Around the
-    layers: the embedding add (1), ln_f (2C + 4), lm_head (C).
+    11C + hs + 2T + 20 per layer (norms, c_attn, attention, c_proj, c_fc, GELU, mlp.c_proj and the
+    residual adds), and 1 + (2C + 4) + C around the layers (embedding add, ln_f, lm_head).
     """
     C, hs = config.n_embd, config.n_embd // config.n_head
     per_layer = 11 * C + hs + 2 * T + 20

@@ -126,25 +126,11 @@ def train(model, steps: int, *, data=None, batch_size: int = 8, block_size: int 
 def loss_tolerance(dtype, step: int) -> float:
     """How far the TP loss may be from the dense loss at step `step` (0-based), absolute.
 
-    A TP forward adds the same numbers as the dense one in another order (p partial sums, then an
-    all-reduce), and floating-point addition is not associative, so the losses can differ in the
-    last bits: one float32 ulp of a loss between 2 and 8 is 2.4e-7 to 4.8e-7. Training feeds the
-    difference back: the weights after step t carry the rounding of every earlier step. Adam even
-    amplifies it where a gradient is pure rounding noise (such an element gets a step of up to lr
-    whichever sign the noise has), but the loss barely depends on exactly those elements, so the
-    loss gap grows slowly. Measured (tests/test_train.py prints it): at most 2 ulps, 9.5e-7, over
-    60 steps at lr 1e-3, for the test models (2 layers, C = 32 and 64) at p = 2 and 4; 1.7e-5 by
-    step 270 at lr 3e-3. The bound, 5e-6 + 1e-7 per step (10 ulps, then growth), holds for all of
-    these, yet is 50 times below the gap a real bug opens at the first step that uses its gradients
-    (a missing backward all-reduce: 2.6e-4 at step 1, 1e-3 soon after). float64: 1e-12, for a
-    measured 9e-16 over 50 steps (1.6e-15 over 300).
-
-    The bound holds only where training is stable, as at our default lr 1e-3 (checked for 300
-    steps in float32 and float64). At a large learning rate training is chaotic: a difference of
-    one rounding error grows about tenfold every 7 steps (the command-line model at lr 1e-2 in
-    float64, even at p = 1: 3e-12 at step 60, 1e-8 at step 100, 2e-2 at step 160), and no bound
-    that grows slowly can hold. There the exact check is one step's gradients from the same
-    weights (tests/test_train.py), not the whole loss curve.
+    float32: 5e-6 + 1e-7 * step, ten ulps of a loss between 2 and 8 and then slow growth, as training
+    feeds every step's rounding back into the weights; float64: 1e-12. Valid where training is
+    stable (the default lr 1e-3); at a large learning rate training is chaotic, no slowly growing
+    bound holds, and the exact check is one step's gradients from the same weights. Chapter 9
+    explains the choice; tests/test_train.py measures the gaps against it. Other dtypes: ValueError.
     """
     if dtype == torch.float64:
         return 1e-12
