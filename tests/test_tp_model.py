@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 from tp_helpers import DEGREES, FLOAT32, FLOAT64, PROPERTY, assert_no_close_calls, make_gpt
 from tputil.comm import RankError, SingleGroup, run_threads
-from tputil.shard import shard_shapes, shard_state_dict
+from tputil.shard import GPT_TP_PLAN, Shard, shard_shapes, shard_state_dict
 from tputil.tp_model import TPGPT, TPBlock, TPCausalSelfAttention, TPMLP
 
 B, T = 2, 16
@@ -178,3 +178,27 @@ def test_dropout_in_training_mode_is_refused():
     with pytest.raises(ValueError, match=r"dropout=0.1 in training mode is not supported under tensor parallelism"):
         model(torch.zeros(1, 4, dtype=torch.long))
     model.eval()(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_the_c_attn_stride_is_read_from_the_plan(monkeypatch):
+    """The plan states how c_attn is split, once: the TP attention takes its stride from there."""
+    config = make_gpt(n_layer=1).config
+    assert TPCausalSelfAttention(config, group=SingleGroup()).c_attn.stride == 3
+    monkeypatch.setitem(GPT_TP_PLAN, "transformer.h.*.attn.c_attn.weight", Shard(0))
+    with torch.device("meta"):
+        assert TPCausalSelfAttention(config, group=SingleGroup()).c_attn.stride == 1
+
+
+def test_a_model_loaded_by_the_plan_owns_its_tensors_on_the_dense_device_and_dtype():
+    dense = make_gpt(n_layer=1, dtype=torch.float64)
+    sd = dense.state_dict()
+    model = TPGPT.from_dense(dense, group=SingleGroup())
+    for name, t in model.state_dict().items():
+        assert t.device == sd[name].device and t.dtype == torch.float64
+        assert t.data_ptr() != sd[name].data_ptr()  # a copy: training it leaves the dense model alone
+    assert all(q.requires_grad for q in model.parameters())
+
+
+def test_multiple_needs_the_vocabulary_parallel_head():
+    with pytest.raises(ValueError, match=r"multiple=128 pads the vocabulary of the vocabulary-parallel head"):
+        TPGPT.from_dense(make_gpt(n_layer=1), group=SingleGroup(), multiple=128)

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from tp_helpers import DEGREES, FLOAT32, FLOAT64, PROPERTY, assert_no_close_calls, make_gpt
 from tputil.comm import RankError, SingleGroup, run_threads
-from tputil.layers import VocabParallelEmbedding
+from tputil.layers import ColumnParallelLinear, VocabParallelEmbedding
 from tputil.loss import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from tputil.model import GPTConfig
 from tputil.shard import (GPT_TP_PLAN, GPT_VOCAB_TP_PLAN, Replicate, VocabShard, gather_state_dict, pad_vocab_size,
@@ -435,3 +435,46 @@ def test_class_plan_is_the_vocab_plan_for_the_default_multiple():
 
     assert VocabParallelTPGPT.plan is GPT_VOCAB_TP_PLAN
     assert VocabParallelTPGPT.plan == vocab_parallel_plan(1)
+
+
+# ---------------------------------------------------------------------------- one model, options choose the head
+
+def test_vocab_parallel_tpgpt_is_tpgpt_with_other_defaults():
+    """One forward, one generate, one way to load: the chapter-10 name only sets vocab_parallel=True."""
+    for name in ("forward", "generate", "loss", "argmax", "gather_logits", "from_dense", "from_shard_state_dict"):
+        assert name not in vars(VocabParallelTPGPT), name
+    dense = make_gpt(vocab_size=67, n_layer=1)
+
+    def fn(group):
+        return (VocabParallelTPGPT.from_dense(dense, group=group, multiple=4),
+                TPGPT.from_dense(dense, group=group, vocab_parallel=True, multiple=4))
+
+    for alias, model in run_threads(fn, 2):
+        assert alias.plan == model.plan == vocab_parallel_plan(4)
+        assert repr(alias) == repr(model).replace("TPGPT", "VocabParallelTPGPT", 1)
+        assert all(torch.equal(a, b) for a, b in zip(alias.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_subclass_that_swaps_the_head_loads_by_its_own_plan():
+    """Chapter 10 derives its model as a TPGPT subclass that names its plan and swaps wte and lm_head."""
+
+    class Swapped(TPGPT):
+        plan = vocab_parallel_plan()
+
+        def __init__(self, config, *, group):
+            super().__init__(config, group=group)
+            V, C = config.vocab_size, config.n_embd
+            self.transformer.wte = VocabParallelEmbedding(V, C, group=group)
+            self.lm_head = ColumnParallelLinear(C, self.transformer.wte.padded_vocab_size, group=group, bias=False)
+            self.lm_head.weight = self.transformer.wte.weight
+
+    dense = make_gpt(vocab_size=67, n_layer=1)
+    torch.manual_seed(0)
+    swapped = run_threads(lambda g: Swapped.from_dense(dense, group=g), 2)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))  # built on the meta device: nothing drawn
+    package = run_threads(lambda g: VocabParallelTPGPT.from_dense(dense, group=g), 2)
+    for ours, theirs in zip(swapped, package):
+        assert ours.lm_head.weight is ours.transformer.wte.weight
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))

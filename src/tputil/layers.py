@@ -3,9 +3,12 @@
 The linear layers are derived in chapter 3; chapters 4 and 5 build the parallel MLP and attention
 from them. `VocabParallelEmbedding` is derived in chapter 10 (its tied partner, the head, is a
 `ColumnParallelLinear` over the padded vocabulary). After
-Megatron-LM's `mpu/layers.py`: the full (master) weight is built, then sliced, so that every rank
-matches the dense layer; communication goes through the f/g pairs of `comm`, so the same layer
-runs on `run_threads`, on real processes, and (world_size 1) on one device.
+Megatron-LM's `mpu/layers.py`. Two ways to build one: the constructor draws the full (master)
+weight from `generator` and keeps this rank's slice, so that the ranks together hold exactly the
+dense layer Megatron would draw; `from_dense` builds the layer on the `meta` device (shapes only,
+nothing drawn) and loads this rank's slice of a dense layer (`materialize`). Communication goes
+through the f/g pairs of `comm`, so the same layer runs on `run_threads`, on real processes, and
+(world_size 1) on one device.
 
 A note on transposes: the layers compute Y = XA + b, but `F.linear(x, W, b)` computes X W^T + b,
 with W = A^T of shape (out_features, in_features). So "A split by columns" splits W's dim 0, and
@@ -30,6 +33,26 @@ def _master_weight(out_features, in_features, bias, device, dtype, generator):
     w = torch.empty(out_features, in_features, device=device, dtype=dtype).uniform_(-bound, bound, generator=generator)
     b = torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound, generator=generator) if bias else None
     return w, b
+
+
+def materialize(module: nn.Module, state_dict: dict, *, device, dtype=None) -> nn.Module:
+    """`module`, built on the meta device, given storage on `device` (in `dtype`) and loaded from state_dict.
+
+    load_state_dict is strict: every key, every shape. Parameters that were one tensor under two
+    names (the tied wte/lm_head) are one tensor again afterwards. Returns `module`.
+    """
+    names = {}  # id of each parameter -> the names it goes by
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    if dtype is not None:
+        module.to(dtype)
+    module.to_empty(device=device)  # a new tensor for every name: ties are undone ...
+    for first, *others in names.values():
+        for name in others:  # ... and redone here
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr, module.get_parameter(first))
+    module.load_state_dict(state_dict)
+    return module
 
 
 class ColumnParallelLinear(nn.Module):
@@ -62,16 +85,14 @@ class ColumnParallelLinear(nn.Module):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, group, gather_output: bool = False, stride: int = 1):
-        """This rank's slice of a dense nn.Linear (same dtype and device; the global RNG is not used)."""
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, group=group, bias=linear.bias is not None,
-                    gather_output=gather_output, stride=stride, device=w.device, dtype=w.dtype,
-                    generator=torch.Generator(w.device))  # a throwaway generator: the global one is untouched
-        with torch.no_grad():
-            layer.weight.copy_(shard_tensor(w, group.rank, group.world_size, 0, stride))
-            if layer.bias is not None:
-                layer.bias.copy_(shard_tensor(linear.bias, group.rank, group.world_size, 0, stride))
-        return layer
+        """This rank's A_r and b_r of a dense nn.Linear, on its device and in its dtype; nothing drawn."""
+        w, b, r, p = linear.weight, linear.bias, group.rank, group.world_size
+        layer = cls(linear.in_features, linear.out_features, group=group, bias=b is not None,
+                    gather_output=gather_output, stride=stride, device="meta", dtype=w.dtype)
+        shard = {"weight": shard_tensor(w.detach(), r, p, 0, stride)}  # (out/p, in)
+        if b is not None:
+            shard["bias"] = shard_tensor(b.detach(), r, p, 0, stride)  # (out/p,)
+        return materialize(layer, shard, device=w.device)
 
     def forward(self, x):
         x = copy_to_parallel_region(x, self.group)  # (..., in) replicated; f: all-reduce of grads in backward
@@ -113,16 +134,14 @@ class RowParallelLinear(nn.Module):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, group, input_is_parallel: bool = True):
-        """This rank's slice of a dense nn.Linear (same dtype and device; the global RNG is not used)."""
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, group=group, bias=linear.bias is not None,
-                    input_is_parallel=input_is_parallel, device=w.device, dtype=w.dtype,
-                    generator=torch.Generator(w.device))  # a throwaway generator: the global one is untouched
-        with torch.no_grad():
-            layer.weight.copy_(shard_tensor(w, group.rank, group.world_size, 1))
-            if layer.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
+        """This rank's A_r and the whole b of a dense nn.Linear, on its device and in its dtype; nothing drawn."""
+        w, b = linear.weight, linear.bias
+        layer = cls(linear.in_features, linear.out_features, group=group, bias=b is not None,
+                    input_is_parallel=input_is_parallel, device="meta", dtype=w.dtype)
+        shard = {"weight": shard_tensor(w.detach(), group.rank, group.world_size, 1)}  # (out, in/p)
+        if b is not None:
+            shard["bias"] = b.detach()  # (out,) replicated
+        return materialize(layer, shard, device=w.device)
 
     def forward(self, x):
         if not self.input_is_parallel:
@@ -174,15 +193,13 @@ class VocabParallelEmbedding(nn.Module):
 
     @classmethod
     def from_dense(cls, embedding: nn.Embedding, *, group, padded_vocab_size: int | None = None):
-        """This rank's rows of a dense nn.Embedding, padded (same dtype and device; the global RNG is not used)."""
-        w = embedding.weight
+        """This rank's rows of a dense nn.Embedding, zeros for padding, on its device, in its dtype; none drawn."""
+        w = embedding.weight.detach()
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, group=group, padded_vocab_size=padded_vocab_size,
-                    device=w.device, dtype=w.dtype, generator=torch.Generator(w.device))
-        with torch.no_grad():
-            layer.weight.zero_()
-            rows = w[layer.vocab_start:min(layer.vocab_end, layer.num_embeddings)]  # may be empty: all padding
-            layer.weight[:rows.size(0)].copy_(rows)
-        return layer
+                    device="meta", dtype=w.dtype)
+        rows = w[layer.vocab_start:min(layer.vocab_end, layer.num_embeddings)]  # may be empty: all padding
+        padding = w.new_zeros(layer.vocab_end - layer.vocab_start - rows.size(0), w.size(1))
+        return materialize(layer, {"weight": torch.cat([rows, padding])}, device=w.device)  # (V_pad/p, C)
 
     def forward(self, ids):
         check_token_ids(ids, self.num_embeddings)  # a padding id has a row but is no token: refused

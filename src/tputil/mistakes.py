@@ -114,7 +114,7 @@ def attention_contiguous_qkv_split(p: int = 2, seed: int = 0) -> float:
     """Chapter 5's mistake: c_attn's fused q/k/v weight cut into p contiguous chunks.
 
     c_attn's weight (3C, C) holds q, k and v stacked along its rows. The correct shard takes this
-    rank's heads from each of the three sections (`shard_tensor(w, r, p, 0, stride=3)`); the
+    rank's heads from each of the three sections (the strided split of `shard.GPT_TP_PLAN`); the
     mistake takes rows [r 3C/p, (r+1) 3C/p) instead, so at p = 2 rank 0 holds all of q and half of
     k, and reads its "k" from q's rows. Everything else is the correct `tp_model.TPCausalSelfAttention`.
     Returns the largest absolute difference from the dense `model.CausalSelfAttention` (n_embd 48,
@@ -165,7 +165,7 @@ def mlp_split_after_gelu(p: int = 2, seed: int = 0) -> float:
 def attention_split_by_heads(p: int = 2, seed: int = 0) -> float:
     """The correct counterpart of `attention_contiguous_qkv_split`, on the same attention and input.
 
-    `tp_model.TPCausalSelfAttention`: c_attn's rows sliced with stride 3, so each rank holds the
+    `tp_model.TPCausalSelfAttention`: c_attn's rows split as the plan says, so each rank holds the
     q, k and v of its own heads. Returns the largest absolute difference: float32 rounding only.
     """
     attn, x = _attention_case(seed)  # the very case the mistake uses

@@ -53,6 +53,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.config = config  # kept, so that a tensor-parallel copy can be built from it (tp_model)
         # q, k and v of all heads in one matmul, stacked in that order along the output features
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -77,6 +78,7 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.config = config  # kept, so that a tensor-parallel copy can be built from it (tp_model)
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
@@ -112,7 +114,7 @@ class GPTConfig:
     n_layer: int = 4  # enough layers that "2 all-reduces per layer" is a count, not a coincidence
     n_head: int = 4  # the tensor-parallel degree p must divide it (heads are split between ranks)
     n_embd: int = 64  # C; n_head * head size, so 16 channels per head by default
-    dropout: float = 0.0  # off: equality checks need determinism (chapter 12 turns it on)
+    dropout: float = 0.0  # off: equality checks need determinism (TP training refuses it for now)
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2 (and they test the "add once" rule)
 
     def __post_init__(self):
@@ -221,7 +223,8 @@ def cross_entropy(logits, targets):
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None):
+def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None,
+             argmax=None, gather_logits=None):
     """Append max_new_tokens tokens to idx (B, T), feeding each prediction back in; return (B, T + new).
 
     `model(idx)` must return (logits, loss) and `model.config.block_size` bound the context (the
@@ -230,6 +233,11 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=
     softmax(logits / temperature), optionally restricted to the top_k tokens, with `generator`.
     No KV cache: the whole (cropped) context is recomputed for every token. Call model.eval()
     first if the model has dropout.
+
+    argmax, gather_logits: for a model whose logits are split over ranks (`tp_model.TPGPT` with
+    vocab_parallel=True), functions of the last position's logits (B, V'): the id of the largest
+    logit (B,), and the full logits (B, V). By default the logits are whole: torch's argmax, and
+    the logits themselves.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: it must be > 0 (use greedy=True for argmax)")
@@ -238,10 +246,12 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=
     for _ in range(max_new_tokens):
         idx_cond = idx if idx.size(1) <= block_size else idx[:, -block_size:]  # (B, <= block_size)
         logits, _ = model(idx_cond)
-        logits = logits[:, -1, :]  # (B, V) the prediction for the next position
+        logits = logits[:, -1, :]  # (B, V) the prediction for the next position (split: (B, V_pad/p))
         if greedy:
-            idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            idx_next = (logits.argmax(dim=-1) if argmax is None else argmax(logits)).unsqueeze(1)  # (B, 1)
         else:
+            if gather_logits is not None:
+                logits = gather_logits(logits)  # (B, V)
             logits = logits / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))

@@ -57,8 +57,8 @@ def vocab_range(padded_vocab_size: int, rank: int, world_size: int) -> tuple[int
 def shard_tensor(t: torch.Tensor, rank: int, world_size: int, dim: int, stride: int = 1) -> torch.Tensor:
     """Rank `rank`'s shard of t along dim (a new tensor): chunk `rank` of each of `stride` sections.
 
-    stride=1: t.chunk(world_size, dim)[rank]. stride=3 on c_attn's weight (3C, C), dim 0: rank r
-    gets rows [q_r; k_r; v_r], the q, k and v of its heads, shape (3C/p, C).
+    stride=1: t.chunk(world_size, dim)[rank]. stride=s: dim holds s sections stacked (c_attn's q, k
+    and v, see GPT_TP_PLAN) and rank r gets [section_1 chunk r; ...; section_s chunk r].
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} is not in range(world_size={world_size})")
@@ -121,7 +121,8 @@ GPT_TP_PLAN = {
     "transformer.wpe.weight": Replicate(),
     "transformer.h.*.ln_[12].weight": Replicate(),  # every rank normalizes the full (B, T, C)
     "transformer.h.*.ln_[12].bias": Replicate(),
-    "transformer.h.*.attn.c_attn.weight": Shard(0, stride=3),  # column-parallel: each rank its heads' q, k, v
+    # column-parallel; q, k and v stacked: each rank its heads' rows of each (the TP attention reads the stride here)
+    "transformer.h.*.attn.c_attn.weight": Shard(0, stride=3),
     "transformer.h.*.attn.c_attn.bias": Shard(0, stride=3),
     "transformer.h.*.attn.c_proj.weight": Shard(1),  # row-parallel: its heads' features in; one all-reduce
     "transformer.h.*.attn.c_proj.bias": Replicate(),  # added once, after the all-reduce
@@ -172,19 +173,21 @@ def _check_degree(config, world_size):
     divide(config.n_head, world_size, "n_head")
 
 
+def local_shard(t: torch.Tensor, where, rank: int, world_size: int) -> torch.Tensor:
+    """Rank `rank`'s part of the dense tensor t placed `where` (Replicate, Shard or VocabShard): a new tensor."""
+    t = t.detach()
+    if isinstance(where, Replicate):
+        return t.clone()
+    if isinstance(where, VocabShard):
+        t = _pad_rows(t, pad_vocab_size(t.size(0), world_size, multiple=where.multiple))
+        return shard_tensor(t, rank, world_size, 0)
+    return shard_tensor(t, rank, world_size, where.dim, where.stride)
+
+
 def shard_state_dict(state_dict: dict, config, rank: int, world_size: int, *, plan: dict = GPT_TP_PLAN) -> dict:
     """Rank `rank`'s state dict: each tensor sharded or copied by the plan (same keys, new tensors)."""
     _check_degree(config, world_size)
-    out = {}
-    for name, t in state_dict.items():
-        where = placement(name, plan)
-        t = t.detach()
-        if isinstance(where, VocabShard):
-            t = _pad_rows(t, pad_vocab_size(t.size(0), world_size, multiple=where.multiple))
-            out[name] = shard_tensor(t, rank, world_size, 0)
-            continue
-        out[name] = t.clone() if isinstance(where, Replicate) else shard_tensor(t, rank, world_size, where.dim, where.stride)
-    return out
+    return {name: local_shard(t, placement(name, plan), rank, world_size) for name, t in state_dict.items()}
 
 
 def dense_shapes(config) -> dict:

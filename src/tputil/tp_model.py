@@ -1,82 +1,81 @@
 """The tensor-parallel GPT: the dense model's modules and names, with the blocks split over p ranks.
 
-Derived in chapter 4 (`TPMLP`), chapter 5 (`TPCausalSelfAttention`) and chapter 6 (`TPBlock`,
-`TPGPT`). Each rank builds its own model from the dense one (`TPGPT.from_dense(dense, group=g)`)
-through the plan in `shard.GPT_TP_PLAN`; module and parameter names are the dense model's, so
-state dicts line up key by key. Embeddings, layer norms and lm_head are replicated in this version
-(chapter 10 swaps in vocabulary-parallel ones: `transformer.wte` and `lm_head` are separate
-modules and `loss` a separate method, so they can be overridden).
+Derived in chapter 4 (`TPMLP`), chapter 5 (`TPCausalSelfAttention`), chapter 6 (`TPBlock`,
+`TPGPT`) and chapter 10 (the vocabulary-parallel head, `TPGPT(..., vocab_parallel=True)`). One
+class, `TPGPT`, whose options choose the variant; module and parameter names are the dense
+model's, so state dicts line up key by key, and `shard.GPT_TP_PLAN` (or its vocabulary-parallel
+version) says how each dense tensor is split.
 
-The communication in forward: exactly two all-reduces per layer (attention's c_proj and the MLP's
-c_proj), each of B*T*C numbers, and nothing else. In backward, two more (the f in front of c_attn
-and of c_fc).
+Building: `TPGPT.from_dense(dense, group=g)` or `TPGPT.from_shard_state_dict(sd, config, group=g)`
+(and `from_dense` of `TPMLP` and `TPCausalSelfAttention`) build the modules on the `meta` device,
+which draws no random numbers and allocates nothing, then load this rank's shard by the plan
+(`layers.materialize`). The constructors themselves draw random weights, as `nn.Linear` does.
+
+The communication in forward, replicated head: exactly two all-reduces per layer (attention's
+c_proj and the MLP's c_proj), each of B*T*C numbers, and nothing else; in backward, two more
+(the f in front of c_attn and of c_fc). The vocabulary-parallel head adds one all-reduce of
+B*T*C (the embedding) and, with targets, three of B*T (the loss); backward one of B*T*C (the
+head's f).
 
 Dropout must stay off in training mode: replicated dropout needs the same random mask on every
-rank, which needs per-rank random-number state (chapter 12).
+rank, which needs per-rank random-number state (not implemented yet).
 """
-
-import threading
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from .model import GPTConfig, LayerNorm, causal_attention, check_token_ids, cross_entropy, generate
-from .shard import GPT_TP_PLAN, check_shard_state_dict, divide, shard_state_dict
+from .comm import gather_from_parallel_region
+from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, materialize
+from .loss import vocab_parallel_argmax, vocab_parallel_cross_entropy
+from .model import LayerNorm, causal_attention, check_token_ids, cross_entropy, generate
+from .shard import (GPT_TP_PLAN, check_shard_state_dict, divide, local_shard, pad_vocab_size, placement,
+                    shard_state_dict, vocab_parallel_plan)
 
 
-_rng_lock = threading.Lock()
-
-
-@contextmanager
-def _global_rng_restored():
-    """Leave the global CPU random-number state as it was, also when p threads build models at once."""
-    with _rng_lock:
-        state = torch.get_rng_state()
-        try:
-            yield
-        finally:
-            torch.set_rng_state(state)
+def _from_dense(cls, dense, group):
+    """A `cls` (TPMLP or TPCausalSelfAttention) holding this rank's shard of `dense`, by GPT_TP_PLAN."""
+    with torch.device("meta"):
+        module = cls(dense.config, group=group)  # shapes only: nothing drawn, nothing allocated
+    shard = {name: local_shard(t, placement(cls.path + name), group.rank, group.world_size)
+             for name, t in dense.state_dict().items()}
+    w = next(dense.parameters())
+    return materialize(module, shard, device=w.device, dtype=w.dtype)
 
 
 class TPCausalSelfAttention(nn.Module):
     """Attention with the heads split between ranks: rank r computes nh/p whole heads.
 
-    c_attn is column-parallel with stride 3, so a rank holds the q, k and v of its own heads;
-    attention over those heads needs nothing from the others; c_proj is row-parallel: its input
-    is exactly this rank's heads' outputs, and one all-reduce sums the ranks' contributions.
+    c_attn is column-parallel, split as the plan says (per head within each of q, k and v), so a
+    rank holds the q, k and v of its own heads; attention over those heads needs nothing from the
+    others; c_proj is row-parallel: its input is exactly this rank's heads' outputs, and one
+    all-reduce sums the ranks' contributions. (B, T, C) replicated -> (B, T, C) replicated.
     """
+
+    path = "transformer.h.0.attn."  # where the dense GPT names its parameters (every layer is placed alike)
 
     def __init__(self, config, *, group):
         super().__init__()
-        p = group.world_size
-        self.n_head = divide(config.n_head, p, "n_head")  # heads on this rank: nh/p
-        self.head_size = config.n_embd // config.n_head  # hs
+        self.n_head = divide(config.n_head, group.world_size, "n_head")  # heads on this rank: nh/p
+        self.head_size = config.head_size  # hs
         C = config.n_embd
-        self.c_attn = ColumnParallelLinear(C, 3 * C, group=group, bias=config.bias, stride=3)  # (C) -> (3C/p)
+        qkv = placement(self.path + "c_attn.weight")  # the plan's split of the stacked q, k and v
+        self.c_attn = ColumnParallelLinear(C, 3 * C, group=group, bias=config.bias, stride=qkv.stride)  # (C) -> (3C/p)
         self.c_proj = RowParallelLinear(C, C, group=group, bias=config.bias)  # (C/p) -> (C), all-reduce
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
     @classmethod
     def from_dense(cls, dense, *, group):
-        """This rank's heads of a dense `model.CausalSelfAttention` (chapter 5); the global RNG is untouched.
+        """This rank's heads of a dense `model.CausalSelfAttention` (chapter 5), by the plan; nothing drawn.
 
-        c_attn's rows are sliced with stride 3 (this rank's heads from each of q, k and v), c_proj's
-        weight by columns (its input features are those heads' outputs); c_proj's bias is copied whole.
+        c_attn's weight and bias: this rank's heads from each of q, k and v; c_proj's weight: the
+        columns of those heads' outputs; c_proj's bias whole. On dense's device, in its dtype.
         """
-        config = GPTConfig(n_embd=dense.n_embd, n_head=dense.n_head, bias=dense.c_attn.bias is not None,
-                           dropout=dense.dropout)
-        with _global_rng_restored():  # the constructor's random init is replaced just below
-            module = cls(config, group=group)
-        module.c_attn = ColumnParallelLinear.from_dense(dense.c_attn, group=group, stride=3)
-        module.c_proj = RowParallelLinear.from_dense(dense.c_proj, group=group)
-        return module
+        return _from_dense(cls, dense, group)
 
     def forward(self, x):
         B, T, C = x.size()  # (B, T, C) replicated
-        q, k, v = self.c_attn(x).chunk(3, dim=2)  # each (B, T, C/p) sharded: this rank's heads
+        q, k, v = self.c_attn(x).split(self.n_head * self.head_size, dim=2)  # each (B, T, C/p): this rank's heads
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh/p, T, hs)
         k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh/p, T, hs)
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh/p, T, hs)
@@ -86,7 +85,12 @@ class TPCausalSelfAttention(nn.Module):
 
 
 class TPMLP(nn.Module):
-    """c_fc column-parallel, GELU on each rank's slice, c_proj row-parallel: one all-reduce."""
+    """c_fc column-parallel, GELU on each rank's slice, c_proj row-parallel: one all-reduce.
+
+    (B, T, C) replicated -> (B, T, 4C/p) sharded -> (B, T, C) replicated.
+    """
+
+    path = "transformer.h.0.mlp."  # where the dense GPT names its parameters (every layer is placed alike)
 
     def __init__(self, config, *, group):
         super().__init__()
@@ -98,18 +102,12 @@ class TPMLP(nn.Module):
 
     @classmethod
     def from_dense(cls, dense, *, group):
-        """This rank's slice of a dense `model.MLP` (chapter 4); the global RNG is untouched.
+        """This rank's slice of a dense `model.MLP` (chapter 4), by the plan; nothing drawn.
 
-        c_fc's weight and bias are sliced by output features (4C/p per rank), c_proj's weight by
-        input features (the same 4C/p); c_proj's bias is copied whole (it is added once, after the reduce).
+        c_fc's weight and bias: 4C/p output features; c_proj's weight: the same 4C/p input
+        features; c_proj's bias whole (added once, after the reduce). On dense's device, in its dtype.
         """
-        config = GPTConfig(n_embd=dense.c_fc.in_features, n_head=1, bias=dense.c_fc.bias is not None,
-                           dropout=dense.dropout.p)
-        with _global_rng_restored():  # the constructor's random init is replaced just below
-            module = cls(config, group=group)
-        module.c_fc = ColumnParallelLinear.from_dense(dense.c_fc, group=group)
-        module.c_proj = RowParallelLinear.from_dense(dense.c_proj, group=group)
-        return module
+        return _from_dense(cls, dense, group)
 
     def forward(self, x):
         x = self.c_fc(x)  # (B, T, 4C/p) sharded on the last dim
@@ -135,48 +133,88 @@ class TPBlock(nn.Module):
 
 
 class TPGPT(nn.Module):
-    """One rank's GPT: replicated embeddings -> TP blocks -> replicated ln_f and lm_head (tied to wte).
+    """One rank's GPT: embeddings -> TP blocks -> ln_f -> head (tied to wte). Options choose the head.
 
-    Build it with `TPGPT.from_dense(dense, group=g)` or `TPGPT.from_shard_state_dict(sd, config,
-    group=g)`; the constructor itself allocates parameters it does not initialize meaningfully.
+    vocab_parallel=False (chapter 6): wte and lm_head replicated, logits (B, T, V) on every rank.
+    vocab_parallel=True (chapter 10; Megatron-LM's parallel_output): the tied wte/lm_head split
+    over the vocabulary, padded to V_pad, a multiple of `multiple` * p (`shard.pad_vocab_size`;
+    1 pads least, Megatron-LM uses 128): wte a `VocabParallelEmbedding`, lm_head a
+    `ColumnParallelLinear` without gather, logits (B, T, V_pad/p), this rank's ids
+    [vocab_start, vocab_end); the loss and the greedy argmax are computed from the shards.
+
+    Build it with `from_dense` or `from_shard_state_dict`; the constructor draws random weights
+    that mean nothing. `plan`: how the dense state dict maps onto this model (see shard.py).
     """
 
-    plan = GPT_TP_PLAN  # how the dense state dict maps onto this model (see shard.py)
+    plan = GPT_TP_PLAN  # for the replicated head; an instance with vocab_parallel=True has its own
 
-    def __init__(self, config, *, group):
+    def __init__(self, config, *, group, vocab_parallel: bool = False, multiple: int = 1):
         super().__init__()
-        divide(config.n_head, group.world_size, "n_head")
+        p, V, C = group.world_size, config.vocab_size, config.n_embd
+        divide(config.n_head, p, "n_head")
+        if multiple != 1 and not vocab_parallel:
+            raise ValueError(f"multiple={multiple} pads the vocabulary of the vocabulary-parallel head: "
+                             f"pass vocab_parallel=True, or leave multiple=1")
         self.config = config
         self.group = group
+        self.vocab_parallel = vocab_parallel
+        self.multiple = multiple
+        if vocab_parallel:
+            self.plan = vocab_parallel_plan(multiple)
+            self.padded_vocab_size = pad_vocab_size(V, p, multiple=multiple)  # V_pad
+            wte = VocabParallelEmbedding(V, C, group=group, padded_vocab_size=self.padded_vocab_size)  # (V_pad/p, C)
+        else:
+            self.padded_vocab_size = V
+            wte = nn.Embedding(V, C)  # replicated
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            wte=wte,
+            wpe=nn.Embedding(config.block_size, C),  # replicated
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([TPBlock(config, group=group) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=LayerNorm(C, bias=config.bias),  # replicated
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in the dense model
+        if vocab_parallel:
+            self.lm_head = ColumnParallelLinear(C, self.padded_vocab_size, group=group, bias=False)  # (C) -> (V_pad/p)
+        else:
+            self.lm_head = nn.Linear(C, V, bias=False)  # (C) -> (V) replicated
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor, two names
 
     @classmethod
-    def from_shard_state_dict(cls, state_dict, config, *, group, device=None, dtype=None):
-        """This rank's model from its shard; shapes are checked first, with errors naming the parameter."""
-        check_shard_state_dict(state_dict, config, group.world_size, rank=group.rank, plan=cls.plan)
+    def from_shard_state_dict(cls, state_dict, config, *, group, device=None, dtype=None, **options):
+        """This rank's model from its shard; shapes are checked first, with errors naming the parameter.
+
+        options: the constructor's (vocab_parallel, multiple). device and dtype default to the shard's.
+        """
+        with torch.device("meta"):
+            model = cls(config, group=group, **options)  # shapes only: nothing drawn, nothing allocated
+        check_shard_state_dict(state_dict, config, group.world_size, rank=group.rank, plan=model.plan)
         first = next(iter(state_dict.values()))
-        with _global_rng_restored():  # the constructors' random init is overwritten below anyway
-            model = cls(config, group=group)
-        model = model.to(device=device or first.device, dtype=dtype or first.dtype)
-        model.load_state_dict(state_dict)
-        return model
+        return materialize(model, state_dict, device=device or first.device, dtype=dtype or first.dtype)
 
     @classmethod
-    def from_dense(cls, dense, *, group):
-        """This rank's slice of a dense GPT: every rank ends up computing what the dense model computes."""
-        sd = shard_state_dict(dense.state_dict(), dense.config, group.rank, group.world_size, plan=cls.plan)
-        return cls.from_shard_state_dict(sd, dense.config, group=group)
+    def from_dense(cls, dense, *, group, **options):
+        """This rank's slice of a dense GPT, by the plan: every rank ends up computing what the dense model computes."""
+        with torch.device("meta"):
+            plan = cls(dense.config, group=group, **options).plan
+        sd = shard_state_dict(dense.state_dict(), dense.config, group.rank, group.world_size, plan=plan)
+        return cls.from_shard_state_dict(sd, dense.config, group=group, **options)
+
+    @property
+    def vocab_start(self) -> int:
+        """The first token id whose logit this rank computes (0 for the replicated head)."""
+        return self.transformer.wte.vocab_start if self.vocab_parallel else 0
+
+    @property
+    def vocab_end(self) -> int:
+        """One past the last token id whose logit this rank computes (V_pad/p ids; V for the replicated head)."""
+        return self.transformer.wte.vocab_end if self.vocab_parallel else self.config.vocab_size
 
     def forward(self, idx, targets=None):
-        """idx, targets: (B, T) -> (logits (B, T, V) replicated, loss or None), like the dense GPT."""
+        """idx, targets: (B, T) -> (logits, loss or None); the loss is the dense model's, on every rank.
+
+        logits: (B, T, V) replicated, or with vocab_parallel this rank's shard (B, T, V_pad/p),
+        the logits of ids [vocab_start, vocab_end), never gathered (see `gather_logits`).
+        """
         if self.training and self.config.dropout > 0:
             raise ValueError(f"dropout={self.config.dropout} in training mode is not supported under tensor "
                              f"parallelism yet (ranks would draw different masks): use model.eval() or dropout=0.0")
@@ -191,15 +229,45 @@ class TPGPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)  # (B, T, C) replicated; two all-reduces inside
         x = self.transformer.ln_f(x)  # (B, T, C) replicated
-        logits = self.lm_head(x)  # (B, T, V) replicated, computed on every rank
+        logits = self.lm_head(x)  # (B, T, V) replicated, or (B, T, V_pad/p) sharded
         loss = None if targets is None else self.loss(logits, targets)
         return logits, loss
 
     def loss(self, logits, targets):
-        """Mean cross-entropy (every rank holds the full logits here; chapter 10 shards them)."""
-        return cross_entropy(logits, targets)
+        """Mean cross-entropy of the logits against targets (B, T); targets of -1 are ignored.
+
+        From the shards with vocab_parallel: three all-reduces of B*T numbers, padding masked.
+        """
+        if not self.vocab_parallel:
+            return cross_entropy(logits, targets)
+        return vocab_parallel_cross_entropy(logits, targets, group=self.group, vocab_start=self.vocab_start,
+                                            vocab_size=self.config.vocab_size)
+
+    def argmax(self, logits):
+        """(..., V) or, with vocab_parallel, the shards (..., V_pad/p) -> (...) the id of the largest logit.
+
+        From the shards: `loss.vocab_parallel_argmax`, two all-reduces of B*T numbers, padding never chosen.
+        """
+        if not self.vocab_parallel:
+            return logits.argmax(dim=-1)
+        return vocab_parallel_argmax(logits, group=self.group, vocab_start=self.vocab_start,
+                                     vocab_size=self.config.vocab_size)
+
+    def gather_logits(self, logits):
+        """The full logits (..., V): the logits themselves, or from the shards (..., V_pad/p) one all-gather.
+
+        Padding dropped; differentiable.
+        """
+        if not self.vocab_parallel:
+            return logits
+        return gather_from_parallel_region(logits, self.group)[..., :self.config.vocab_size]
 
     def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None):
-        """Exactly the dense GPT's generate; every rank must call it (each step communicates)."""
-        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                        greedy=greedy, generator=generator)
+        """The dense GPT's generate (`model.generate`); every rank must call it (each step communicates).
+
+        With vocab_parallel, greedy takes `argmax` of the last position's shards (two all-reduces
+        of B numbers per token on top of the forward); sampling all-gathers them, (B, V_pad/p) per
+        rank: give every rank a generator in the same state, or the ranks draw different tokens.
+        """
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
+                        generator=generator, argmax=self.argmax, gather_logits=self.gather_logits)
