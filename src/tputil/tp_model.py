@@ -187,17 +187,21 @@ class TPGPT(nn.Module):
         """
         with torch.device("meta"):
             model = cls(config, group=group, **options)  # shapes only: nothing drawn, nothing allocated
-        check_shard_state_dict(state_dict, config, group.world_size, rank=group.rank, plan=model.plan)
-        first = next(iter(state_dict.values()))
-        return materialize(model, state_dict, device=device or first.device, dtype=dtype or first.dtype)
+        return model._load(state_dict, device=device, dtype=dtype)
 
     @classmethod
     def from_dense(cls, dense, *, group, **options):
         """This rank's slice of a dense GPT, by the plan: every rank ends up computing what the dense model computes."""
         with torch.device("meta"):
-            plan = cls(dense.config, group=group, **options).plan
-        sd = shard_state_dict(dense.state_dict(), dense.config, group.rank, group.world_size, plan=plan)
-        return cls.from_shard_state_dict(sd, dense.config, group=group, **options)
+            model = cls(dense.config, group=group, **options)  # shapes only: nothing drawn, nothing allocated
+        return model._load(shard_state_dict(dense.state_dict(), dense.config, group.rank, group.world_size,
+                                            plan=model.plan))
+
+    def _load(self, state_dict, *, device=None, dtype=None):
+        """This model, built on the meta device, given storage and loaded with its shard: the one way to load."""
+        check_shard_state_dict(state_dict, self.config, self.group.world_size, rank=self.group.rank, plan=self.plan)
+        first = next(iter(state_dict.values()))
+        return materialize(self, state_dict, device=device or first.device, dtype=dtype or first.dtype)
 
     @property
     def vocab_start(self) -> int:
