@@ -1,6 +1,8 @@
 # Two commands do everything, set-up included:
 #   make book   builds the HTML book into _build/html
 #   make test   runs every test (notebooks, unit tests, the book build, a real browser)
+#   make test-fast  the unit and property tests only (no processes, notebooks, book build or browser): about a minute
+#   make lint   ruff's lint and format checks on src/ and tests/ (not part of make test yet)
 #   make test-portable  re-checks the notebooks' stored outputs under other kernels and thread counts
 # Both create .venv and install into it on first use.
 
@@ -11,7 +13,7 @@ STAMP  := $(VENV)/.installed
 # make setup TORCH=torch==2.5.1 picks another torch; the default is the CPU build pinned in constraints.txt.
 TORCH  ?=
 
-.PHONY: setup browser book test test-portable execute clean
+.PHONY: setup browser book test test-fast lint test-portable execute clean
 
 setup: $(STAMP)
 
@@ -36,6 +38,18 @@ book: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# tests/ without the tests marked `slow` (those that start processes or torchrun, build the book or
+# drive the browser; the marker is registered in pyproject.toml). Under 90 seconds on 2 cores.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
+
+# Both checks run, and either failing fails the target. `ruff format src tests` rewrites the files.
+lint: $(STAMP)
+	@status=0; \
+	$(BIN)/ruff check src tests || status=1; \
+	$(BIN)/ruff format --check src tests || status=1; \
+	exit $$status
 
 # The notebooks under strict nbval again, once per setting that changes how float sums are rounded:
 # PyTorch's generic kernels, its AVX2 kernels, MKL's reproducible branch, and one thread. A stored

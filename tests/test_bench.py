@@ -20,6 +20,7 @@ from tputil.model import GPTConfig
 SMOKE = BenchSize("smoke", GPTConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=64, block_size=16), 2)
 
 
+@pytest.mark.slow
 def test_bench_runs_end_to_end_and_prints_one_table_with_all_columns():
     result = run_bench([SMOKE], repeats=1)
     lines = result.table.splitlines()
@@ -43,6 +44,7 @@ def test_bench_runs_end_to_end_and_prints_one_table_with_all_columns():
     assert "load average" in result.table and "wall time" in result.table
 
 
+@pytest.mark.slow
 def test_the_guard_stops_a_mis_sharded_variant_before_timing():
     # ours with c_attn cut into contiguous rows (rank 0 gets q and half of k): the guard must raise
     with pytest.raises(RankError, match="correctness guard: ours_rep: logits differs from the dense model"):
@@ -98,6 +100,7 @@ def torch_tp_on_shm(group):
     return shm._seq, full_logits(logits), local_value(loss)
 
 
+@pytest.mark.slow
 def test_pytorch_tp_on_the_shm_mesh_all_reduces_through_shared_memory():
     from tputil.bench_ranks import dense_model
     from tputil.launch import run_processes

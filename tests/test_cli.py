@@ -26,6 +26,7 @@ def run(args, timeout=120):
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
+@pytest.mark.slow
 def test_help_lists_the_commands():
     out = run([sys.executable, "-m", "tputil", "--help"])
     assert out.returncode == 0, out.stderr
@@ -41,6 +42,7 @@ def test_train_help_lists_the_flags(capsys):
         assert flag in train_help
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, head, comm", [
     ([], "", "8 all-reduces (4 per layer)"),
     (["--vocab-parallel"], "vocabulary parallel: the embedding, the tied head and the loss are sharded",
@@ -67,12 +69,14 @@ def test_train_under_torchrun_on_two_processes_matches_the_dense_loss(flags, hea
     assert "OK: the TP loss matched the dense loss at every step" in out.stdout
 
 
+@pytest.mark.slow
 def test_bad_input_names_what_to_change_and_exits_with_code_2():
     out = run([sys.executable, "-m", "tputil", "train", "--n-head", "3", "--n-embd", "64"])
     assert out.returncode == 2
     assert "n_embd=64 is not divisible by n_head=3" in out.stderr and "(flags --n-embd and --n-head)" in out.stderr
 
 
+@pytest.mark.slow
 def test_a_degree_that_does_not_divide_the_heads_stops_every_rank_under_torchrun():
     out = run(TORCHRUN + ["--nproc-per-node", "2", "-m", "tputil", "train", "--n-head", "3", "--n-embd", "48"],
               timeout=60)

@@ -54,6 +54,7 @@ def test_time_all_reduce_rejects_sizes_that_are_not_float32_numbers():
         run_threads(demos.time_all_reduce, 2, [6])
 
 
+@pytest.mark.slow
 def test_collectives_tour_on_two_real_processes():
     xs = per_device(2)
     results = run_processes(demos.collectives_tour, 2, xs, [4, 4096], backend="gloo", timeout=120.0)

@@ -8,7 +8,6 @@ The rank functions live at module level so that the spawned children can import 
 
 import time
 
-import psutil
 import pytest
 import torch
 
@@ -58,6 +57,7 @@ def test_default_backend_on_this_machine():
     assert default_backend(2) == ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "gloo")
 
 
+@pytest.mark.slow
 def test_tp_gpt_on_two_real_processes_matches_dense():
     dense = make_gpt()
     idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
@@ -84,6 +84,7 @@ def test_tp_gpt_on_two_real_processes_matches_dense():
         assert torch.equal(out["generated"], expected)
 
 
+@pytest.mark.slow
 def test_results_come_in_rank_order_when_rank_0_returns_last():
     results = run_processes(finish_in_reverse_rank_order, 3, 1.0, backend="gloo", timeout=120.0)
     assert [rank for rank, _ in results] == [0, 1, 2]
@@ -91,20 +92,14 @@ def test_results_come_in_rank_order_when_rank_0_returns_last():
     assert returned[0] > returned[1] > returned[2]  # they did finish in reverse order
 
 
-def _rank_processes():
-    """The rank processes run_processes started from this process that are still running."""
-    kids = psutil.Process().children(recursive=True)
-    return [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE
-            and "tputil.launch" in " ".join(k.cmdline())]
-
-
-def test_a_failing_rank_is_named_and_no_process_is_left_behind():
+@pytest.mark.slow
+def test_a_failing_rank_is_named_and_no_process_is_left_behind(no_leftovers):
     start = time.monotonic()
     with pytest.raises(RankError, match=r"rank 1 of 2 failed:\n(.|\n)*ValueError: rank one fails on purpose") as info:
         run_processes(fail_on_rank_1, 2, backend="gloo", timeout=120.0)
     assert info.value.rank == 1
     assert time.monotonic() - start < 60.0  # rank 0 was stopped, not waited for
-    assert _rank_processes() == []  # tests/test_launch_faults.py checks every failure mode for this
+    # no_leftovers: no process is left behind (tests/test_launch_faults.py checks every failure mode for this)
 
 
 def test_a_function_the_children_cannot_import_is_refused_up_front():

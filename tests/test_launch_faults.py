@@ -3,9 +3,9 @@ leaves no process behind.
 
 Every test runs real processes (about 1.5 s each: the children import torch), with small
 timeouts. The misbehaving rank functions live in `tputil.launch_demos`, which the children
-import. "No process left behind" is checked with psutil: the children of this process
-(recursively) are the same after the call as before, and processes the ranks started themselves
-are gone too (they leave our tree when their parent dies, so they are tracked by pid).
+import. "No process left behind" is checked by conftest's `no_leftovers`: the children of this
+process (recursively) are the same after the call as before; processes the ranks started themselves
+are gone too (they leave our tree when their parent dies, so they are tracked by pid here).
 """
 
 import re
@@ -15,24 +15,14 @@ import threading
 import time
 
 import psutil
-import torch
 import pytest
+import torch
 
 from tputil import launch, launch_demos as demos
 from tputil.comm import RankError
 from tputil.launch import run_processes
 
 SLOW = dict(timeout=60.0, collective_timeout=60.0)  # far above what any test below may take
-
-
-@pytest.fixture
-def no_leftovers():
-    """Fail if the test leaves a child (or grandchild) of this process running."""
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    yield
-    alive = [p for p in me.children(recursive=True) if p.pid not in before and _running(p.pid)]
-    assert alive == [], f"processes left behind: {[(p.pid, p.cmdline()) for p in alive]}"
 
 
 def _running(pid):
@@ -49,6 +39,7 @@ def _gone_within(pids, seconds):
     return [pid for pid in pids if _running(pid)]
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_each_get_their_own_port_and_results(no_leftovers, capsys):
     out = {}
 
@@ -69,6 +60,7 @@ def test_two_concurrent_runs_each_get_their_own_port_and_results(no_leftovers, c
         assert "[rank 1] hello from rank 1 of 2 in run " + name in printed
 
 
+@pytest.mark.slow
 def test_a_rank_that_raises_fails_the_call_at_once_and_what_the_ranks_started_is_stopped(no_leftovers, tmp_path):
     start = time.monotonic()
     with pytest.raises(RankError, match=r"^rank 1 of 2 failed:\nTraceback(.|\n)*in raise_on\n(.|\n)*"
@@ -97,6 +89,7 @@ class _SlowClock:
         time.sleep(max(seconds, self.nap))
 
 
+@pytest.mark.slow
 def test_a_rank_waiting_for_one_that_raised_is_reported_as_still_running_however_late_the_parent_looks(
         no_leftovers, tmp_path, monkeypatch):
     """The rank that raised stays alive until it is stopped, so the ranks waiting for it in a collective
@@ -113,6 +106,7 @@ def test_a_rank_waiting_for_one_that_raised_is_reported_as_still_running_however
 OOM = r"-9 \(SIGKILL, which is also how the kernel's out-of-memory killer stops a process\)"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how, code", [(3, r"3"), ("SIGSEGV", r"-11 \(SIGSEGV\)"), ("SIGKILL", OOM)])
 def test_a_rank_that_dies_is_named_with_its_exit_code(no_leftovers, how, code):
     start = time.monotonic()
@@ -125,6 +119,7 @@ def test_a_rank_that_dies_is_named_with_its_exit_code(no_leftovers, how, code):
     assert time.monotonic() - start < 15.0
 
 
+@pytest.mark.slow
 def test_a_collective_that_one_rank_never_joins_times_out_with_a_clear_error(no_leftovers):
     start = time.monotonic()
     with pytest.raises(RankError, match=r"^rank 0 of 2 timed out after collective_timeout=1.0s waiting in a "
@@ -135,6 +130,7 @@ def test_a_collective_that_one_rank_never_joins_times_out_with_a_clear_error(no_
     assert 1.0 < time.monotonic() - start < 15.0
 
 
+@pytest.mark.slow
 def test_a_rank_that_skips_a_collective_and_returns_is_reported_at_once(no_leftovers):
     start = time.monotonic()
     with pytest.raises(RankError, match=r"^rank 0 of 2 failed in a collective:(.|\n)*Connection (closed|reset) by peer"
@@ -143,6 +139,7 @@ def test_a_rank_that_skips_a_collective_and_returns_is_reported_at_once(no_lefto
     assert time.monotonic() - start < 15.0
 
 
+@pytest.mark.slow
 def test_a_rank_stuck_outside_any_collective_is_stopped_by_the_whole_call_timeout(no_leftovers):
     start = time.monotonic()
     with pytest.raises(TimeoutError, match=r"timed out after 3.0s: ranks \[(0, )?1\] of 2 did not finish"):
@@ -150,6 +147,7 @@ def test_a_rank_stuck_outside_any_collective_is_stopped_by_the_whole_call_timeou
     assert 3.0 <= time.monotonic() - start < 10.0
 
 
+@pytest.mark.slow
 def test_the_ranks_exit_when_the_calling_process_dies(no_leftovers):
     """A notebook kernel that is killed takes its ranks with it (they watch a pipe from it)."""
     code = ("from tputil import launch, launch_demos; "
@@ -180,6 +178,7 @@ def echo_plus_rank(group, tensor):
     return tensor + group.rank
 
 
+@pytest.mark.slow
 def test_arguments_and_results_larger_than_8_mib_go_through_intact(no_leftovers):
     """They travel through pipes: nothing like the 8 MiB that a message through the TCP store may have."""
     big = torch.randn(3 * 2**20, generator=torch.Generator().manual_seed(0))  # 12 MiB of float32
@@ -189,6 +188,7 @@ def test_arguments_and_results_larger_than_8_mib_go_through_intact(no_leftovers)
         assert torch.equal(out, big + r)
 
 
+@pytest.mark.slow
 def test_a_script_without_a_main_guard_fails_at_once_saying_what_to_do(tmp_path):
     """Each child runs the script's top level to find `f`: without the guard it would call run_processes again."""
     body = "from tputil.launch import run_processes\n\n\ndef f(group):\n    return group.rank * 10\n\n\n"

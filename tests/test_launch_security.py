@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 from tputil.launch import run_processes
 
+pytestmark = pytest.mark.slow  # starts real processes: not in `make test-fast`
+
 LOOPBACK = {"127.0.0.1", "::1"}
 # every key name under which a version of the launcher passed pickles through its store
 KEYS = ["tputil/job"] + [f"tputil/result/{r}" for r in range(4)]

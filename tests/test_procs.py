@@ -114,6 +114,7 @@ def test_tp_tour_on_threads():
     assert any("all_reduce" in name or "Reduce" in name for name in out[0]["profile"][1])
 
 
+@pytest.mark.slow
 def test_on_two_real_processes_the_same_bits_as_on_threads():
     dense = make_gpt().eval()
     idx, targets = _batch()
@@ -134,6 +135,7 @@ def test_on_two_real_processes_the_same_bits_as_on_threads():
     assert any("all_reduce" in n or "allreduce" in n for n in names)
 
 
+@pytest.mark.slow
 def test_transport_tour_on_shared_memory_matches_threads_and_reports_a_mismatch():
     dense = make_gpt().eval()
     idx, targets = _batch()

@@ -2,18 +2,15 @@
 
 The rank functions live at module level so that the spawned children can import them. Each run
 costs seconds (the children import torch), so one run checks many things. "Nothing left behind"
-covers the processes (as in test_launch_faults) and the shared-memory files in /dev/shm.
+(conftest's `no_leftover_shm`) covers the processes and the shared-memory files in /dev/shm.
 """
 
-import glob
 import os
 import random
-import tempfile
 import time
 from datetime import timedelta
 from unittest import mock
 
-import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -33,7 +30,7 @@ def _inputs(rank, n_calls=40, seed=0):
     plan = random.Random(seed)
     g = torch.Generator().manual_seed(1000 + rank)
     calls = []
-    for k in range(n_calls):
+    for _ in range(n_calls):
         dtype, op = plan.choice(DTYPES), plan.choice(["sum", "sum", "max", "min"])
         shape = plan.choice([(1,), (7, 3), (2, 64, 48), (40_000,)])
         x = torch.randn(shape, generator=g) * 100
@@ -102,21 +99,9 @@ def skip_shm_all_reduce(group, bad_rank, then):
     return shm.all_reduce(torch.ones(4))
 
 
-@pytest.fixture
-def nothing_left_behind():
-    before_files = set(glob.glob("/dev/shm/tputil-shm-*")) | set(glob.glob(f"{tempfile.gettempdir()}/tputil-shm-*"))
-    before_kids = {k.pid for k in psutil.Process().children(recursive=True)}
-    yield
-    time.sleep(0.2)
-    kids = [k for k in psutil.Process().children(recursive=True)
-            if k.pid not in before_kids and k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
-    assert kids == [], kids
-    after_files = set(glob.glob("/dev/shm/tputil-shm-*")) | set(glob.glob(f"{tempfile.gettempdir()}/tputil-shm-*"))
-    assert after_files <= before_files, after_files - before_files
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("p, ordered_stores", [(2, None), (3, None), (2, False), (3, False)])
-def test_shm_all_reduce_matches_gloo_and_rank_order(p, ordered_stores, nothing_left_behind):
+def test_shm_all_reduce_matches_gloo_and_rank_order(p, ordered_stores, no_leftover_shm):
     # capacity 64 KiB: the (40000,) float32/float64/int64 calls do not fit and take gloo's path.
     # ordered_stores=False: the barrier that processors other than x86-64 use, tried here.
     results = run_processes(compare_with_gloo, p, 64 * 1024, ordered_stores, backend="gloo", timeout=120.0)
@@ -133,7 +118,8 @@ def test_shm_all_reduce_matches_gloo_and_rank_order(p, ordered_stores, nothing_l
         assert out["counted_bytes"] == {"all_reduce": sum(x.numel() * x.element_size() for x, _ in calls)}
 
 
-def test_tp_gpt_on_shm_equals_gloo_bit_for_bit(nothing_left_behind):
+@pytest.mark.slow
+def test_tp_gpt_on_shm_equals_gloo_bit_for_bit(no_leftover_shm):
     dense = make_gpt()
     idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
     for out in run_processes(tp_gpt_shm_and_gloo, 2, dense, idx, targets, backend="gloo", timeout=120.0):
@@ -147,12 +133,14 @@ def test_tp_gpt_on_shm_equals_gloo_bit_for_bit(nothing_left_behind):
         assert out["overlapped_shm_calls"] == 2 * 2 * dense.config.n_layer  # 2 chunks x 2 per layer
 
 
-def test_run_processes_hands_out_shm_groups(nothing_left_behind):
+@pytest.mark.slow
+def test_run_processes_hands_out_shm_groups(no_leftover_shm):
     out = run_processes(compare_with_gloo, 2, 1 << 20, backend="gloo", timeout=120.0, shm=True)
     assert all(all(r["same_as_rank_order"]) for r in out)
 
 
-def test_mismatched_sizes_fail_at_once_naming_both_ranks(nothing_left_behind):
+@pytest.mark.slow
+def test_mismatched_sizes_fail_at_once_naming_both_ranks(no_leftover_shm):
     start = time.monotonic()
     with pytest.raises(RankError) as info:
         run_processes(mismatched_sizes, 2, backend="gloo", timeout=60.0, collective_timeout=30.0)
@@ -162,8 +150,9 @@ def test_mismatched_sizes_fail_at_once_naming_both_ranks(nothing_left_behind):
     assert "same collectives, in the same order, with the same shapes" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("then", ["sleep", "return"])
-def test_a_skipped_shm_all_reduce_times_out_naming_the_missing_rank(then, nothing_left_behind):
+def test_a_skipped_shm_all_reduce_times_out_naming_the_missing_rank(then, no_leftover_shm):
     start = time.monotonic()
     with pytest.raises(RankError) as info:
         run_processes(skip_shm_all_reduce, 2, 1, then, backend="gloo", timeout=60.0, collective_timeout=1.0)
@@ -181,7 +170,7 @@ def world_of_one():
         dist.destroy_process_group()
 
 
-def test_bad_arguments_are_refused_with_what_to_do(world_of_one, nothing_left_behind):
+def test_bad_arguments_are_refused_with_what_to_do(world_of_one, no_leftover_shm):
     with pytest.raises(ValueError, match="capacity_bytes=100: it must be a positive multiple of 64"):
         ShmGroup(capacity_bytes=100)
     with mock.patch("platform.machine", return_value="arm64"):  # may reorder stores: a barrier orders them
@@ -196,8 +185,9 @@ def test_bad_arguments_are_refused_with_what_to_do(world_of_one, nothing_left_be
     assert alone.all_reduce(x) is x and alone.stats.total_calls == 0  # one rank: nothing to reduce
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ordered_stores", [None, False])
-def test_one_slot_is_not_enough_two_are(ordered_stores, nothing_left_behind):
+def test_one_slot_is_not_enough_two_are(ordered_stores, no_leftover_shm):
     # with the barrier of other processors too: a fast rank still overwrites a one-slot buffer
     out = run_processes(launch_demos.shm_slots, 2, (1, 2), 0.2, ordered_stores, backend="gloo", timeout=60.0)
     assert [o[2] for o in out] == [[[3.0] * 4, [30.0] * 4]] * 2  # two slots: right on both ranks
@@ -205,7 +195,7 @@ def test_one_slot_is_not_enough_two_are(ordered_stores, nothing_left_behind):
     assert out[1][1] == [[12.0] * 4, [30.0] * 4]  # one slot: the slow reader got rank 0's next tensor
 
 
-def test_without_posix_fallocate_the_segment_is_sized_by_ftruncate(world_of_one, nothing_left_behind, monkeypatch):
+def test_without_posix_fallocate_the_segment_is_sized_by_ftruncate(world_of_one, no_leftover_shm, monkeypatch):
     monkeypatch.delattr(os, "posix_fallocate")  # as on macOS
     shm = ShmGroup(capacity_bytes=1 << 20)
     assert shm._mapped.numel() == 2 * 1 * 8 * 8 + 2 * (1 << 20)  # headers, then 2 slots x 1 rank x 1 MiB
