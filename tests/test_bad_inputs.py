@@ -13,7 +13,7 @@ from tp_helpers import make_gpt
 from tputil.comm import SingleGroup, run_threads
 from tputil.model import generate
 from tputil.tp_model import TPGPT
-from tputil.tp_vocab import VocabParallelTPGPT
+from tputil.tp_model import VocabParallelTPGPT
 
 EMPTY = r"the prompt needs at least one token to continue, got shape \(2, 0\)"
 

@@ -10,9 +10,9 @@ import argparse
 import pytest
 import torch
 
-from tputil.bench import DEFAULT_VARIANTS, SIZES, VARIANTS, BenchSize, add_arguments, run_bench
-from tputil.bench_ranks import LOGITS_TOL, BenchCorrectnessError, check_close
-from tputil.bench_report import COLUMNS, HEADERS
+from tputil.bench.run import DEFAULT_VARIANTS, SIZES, VARIANTS, BenchSize, add_arguments, run_bench
+from tputil.bench.ranks import LOGITS_TOL, BenchCorrectnessError, check_close
+from tputil.bench.report import COLUMNS, HEADERS
 from tputil.comm import RankError
 from tputil.model import GPTConfig
 
@@ -71,8 +71,8 @@ def test_command_line_arguments():
 def test_pytorch_plan_names_existing_modules_and_split_qkv_keeps_the_numbers():
     from fnmatch import fnmatch
 
-    from tputil.bench_ranks import dense_model
-    from tputil.bench_torch_tp import split_qkv, torch_tp_plan
+    from tputil.bench.ranks import dense_model
+    from tputil.bench.torch_tp import split_qkv, torch_tp_plan
     dense = dense_model(SMOKE.config)
     split = split_qkv(dense)  # c_attn's q, k and v sections as three Linears: what ColwiseParallel can split
     idx = torch.randint(0, 64, (2, 16))
@@ -86,8 +86,8 @@ def torch_tp_on_shm(group):
     """PyTorch's TP on a shm mesh made after a gloo mesh over the same ranks: its all-reduces must use shm."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from tputil.bench_ranks import dense_model
-    from tputil.bench_torch_tp import forward_loss, full_logits, local_value, shm_mesh, torch_tp_model
+    from tputil.bench.ranks import dense_model
+    from tputil.bench.torch_tp import forward_loss, full_logits, local_value, shm_mesh, torch_tp_model
     from tputil.comm import ShmGroup
     x = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(0))
     gloo_mesh = init_device_mesh("cpu", (group.world_size,))  # equal to a shm mesh without a name of its own
@@ -102,7 +102,7 @@ def torch_tp_on_shm(group):
 
 @pytest.mark.slow
 def test_pytorch_tp_on_the_shm_mesh_all_reduces_through_shared_memory():
-    from tputil.bench_ranks import dense_model
+    from tputil.bench.ranks import dense_model
     from tputil.launch import run_processes
     x = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

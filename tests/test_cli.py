@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from tputil import __main__ as cli
+from tputil import cli
 from tputil.tp_model import TPGPT
 from tputil.train import loss_tolerance
 
@@ -127,15 +127,32 @@ def test_more_bad_input_exits_with_code_2(argv, message, capsys):
 
 def test_bench_is_a_sub_command_and_refuses_torchrun(monkeypatch, capsys):
     """bench starts its own processes: under torchrun (WORLD_SIZE > 1) it says how to run it instead."""
-    from tputil.__main__ import build_parser, main
+    from tputil.cli import build_parser, main
 
-    args = build_parser().parse_args(["bench", "--sizes", "tiny", "--repeats", "1"])
-    assert args.command == "bench" and args.sizes == ["tiny"] and args.repeats == 1
+    args, rest = build_parser().parse_known_args(["bench", "--sizes", "tiny", "--repeats", "1"])
+    assert args.command == "bench" and rest == ["--sizes", "tiny", "--repeats", "1"]  # for tputil.bench.run
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as exc:
         main(["bench"])
     assert exc.value.code == 2
     assert "python -m tputil bench --p N" in capsys.readouterr().err
+
+
+def test_bench_options_are_the_benchmarks_own(capsys):
+    """`python -m tputil bench --help` shows the benchmark's options; an unknown one is refused there."""
+    from tputil.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m tputil bench") and "--sizes" in out and "--repeats" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--no-such-option"])
+    assert exc.value.code == 2 and "--no-such-option" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--no-such-option"])
+    assert exc.value.code == 2 and "unrecognized arguments: --no-such-option" in capsys.readouterr().err
 
 
 def test_shm_on_a_gpu_backend_says_what_to_change(monkeypatch, capsys):
@@ -145,3 +162,28 @@ def test_shm_on_a_gpu_backend_says_what_to_change(monkeypatch, capsys):
     assert info.value.code == 2
     assert "--shm joins CPU processes, but the backend is nccl (GPUs): drop --shm, or add --backend gloo" in \
         capsys.readouterr().err
+
+
+def test_both_launchers_choose_the_device_with_select_device(monkeypatch):
+    """cli.setup and run_processes' children pick each rank's GPU through launch.select_device."""
+    import inspect
+
+    from tputil import cli, launch
+
+    class Chosen(Exception):
+        pass
+
+    def select_device(backend, local_rank):
+        raise Chosen(backend, local_rank)
+
+    monkeypatch.setattr(cli, "select_device", select_device)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    parser = cli.build_parser()
+    with pytest.raises(Chosen) as exc:
+        cli.setup(parser.parse_args(["train", "--backend", "nccl"]), parser)
+    assert exc.value.args == ("nccl", 2)
+    assert "select_device(" in inspect.getsource(launch._child_main)

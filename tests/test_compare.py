@@ -1,4 +1,4 @@
-"""tputil.compare: the per-rank traffic of tensor, data and pipeline parallelism, checked against
+"""tputil.course.compare: the per-rank traffic of tensor, data and pipeline parallelism, checked against
 the counter of real runs (TP and DP on run_threads), against the GPT's own parameter count, and
 against chapter 2's ring formula."""
 
@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, strategies as st
 
 from tp_helpers import DEGREES, PROPERTY, SMALL, make_gpt
-from tputil import compare, cost
+from tputil.course import compare
+from tputil.course import cost
 from tputil.comm import run_threads
 from tputil.model import GPT, GPTConfig
 from tputil.tp_model import TPGPT

@@ -1,8 +1,8 @@
-"""Tests for tputil.cost: the ring formulas of chapter 2, checked against a ring simulated here.
+"""Tests for tputil.course.cost: the ring formulas of chapter 2, checked against a ring simulated here.
 
 The simulation moves real chunks between per-device lists, one step at a time, and counts the
 bytes each device sends; the formulas must match those counts, and the result must match
-tputil.lists (so the simulated ring is a real all-reduce, not just a byte counter).
+tputil.course.lists (so the simulated ring is a real all-reduce, not just a byte counter).
 """
 
 import pytest
@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tputil import cost, lists
+from tputil.course import cost
+from tputil.course import lists
 
 
 def simulated_ring(kind, xs):

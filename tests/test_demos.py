@@ -1,4 +1,4 @@
-"""Tests for tputil.demos: the rank functions chapter 2 runs on real processes.
+"""Tests for tputil.course.ch02_collectives: the rank functions chapter 2 runs on real processes.
 
 They are SPMD code on a Group, so run_threads checks them quickly for several p; one test spawns
 real gloo processes, as the chapter does (a few seconds: each child imports torch).
@@ -7,7 +7,8 @@ real gloo processes, as the chapter does (a few seconds: each child imports torc
 import pytest
 import torch
 
-from tputil import demos, lists
+from tputil.course import ch02_collectives as demos
+from tputil.course import lists
 from tputil.comm import RankError, run_threads
 from tputil.launch import run_processes
 

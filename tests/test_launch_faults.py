@@ -2,7 +2,7 @@
 leaves no process behind.
 
 Every test runs real processes (about 1.5 s each: the children import torch), with small
-timeouts. The misbehaving rank functions live in `tputil.launch_demos`, which the children
+timeouts. The misbehaving rank functions live in `tputil.course.ch08_real_processes`, which the children
 import. "No process left behind" is checked by conftest's `no_leftovers`: the children of this
 process (recursively) are the same after the call as before; processes the ranks started themselves
 are gone too (they leave our tree when their parent dies, so they are tracked by pid here).
@@ -18,7 +18,8 @@ import psutil
 import pytest
 import torch
 
-from tputil import launch, launch_demos as demos
+from tputil import launch
+from tputil.course import ch08_real_processes as demos
 from tputil.comm import RankError
 from tputil.launch import run_processes
 

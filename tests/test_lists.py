@@ -1,11 +1,11 @@
-"""Tests for tputil.lists: collectives on per-device lists of tensors (chapters 1 and 2)."""
+"""Tests for tputil.course.lists: collectives on per-device lists of tensors (chapters 1 and 2)."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tputil import lists
+from tputil.course import lists
 
 
 # --- all_reduce: the law ------------------------------------------------------------------

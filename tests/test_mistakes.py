@@ -1,4 +1,4 @@
-"""Tests for tputil.mistakes: every negative control must fail the check that the correct version passes.
+"""Tests for tputil.course.mistakes: every negative control must fail the check that the correct version passes.
 
 One section per chapter; append yours below the last one, under its own marker. (Chapters 4 and 5
 keep theirs in test_mistakes_mlp_attention.py.)
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tp_helpers import FLOAT32
-from tputil import mistakes
+from tputil.course import mistakes
 from tputil.comm import run_threads
 from tputil.layers import RowParallelLinear
 from tputil.shard import shard_tensor

@@ -1,6 +1,6 @@
 """The negative controls of chapters 4 and 5: each mistake fails the check the correct version passes.
 
-A check that cannot fail is no check. `tputil.mistakes` builds the wrong variants (c_fc split by
+A check that cannot fail is no check. `tputil.course.mistakes` builds the wrong variants (c_fc split by
 rows, so GELU sees partial sums; c_attn's fused q/k/v weight cut into contiguous chunks); here they
 must miss the dense result by far more than float32 rounding, while the package's tensor-parallel
 MLP and attention, built from the same dense module, stay within 1e-5 of it (tp_helpers explains
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tp_helpers import FLOAT32
-from tputil import mistakes
+from tputil.course import mistakes
 from tputil.comm import run_threads
 from tputil.model import MLP, CausalSelfAttention, GPTConfig
 from tputil.tp_model import TPCausalSelfAttention, TPMLP

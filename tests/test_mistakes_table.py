@@ -1,11 +1,11 @@
-"""The table of chapter 7 (tputil.mistakes.CONTROLS): each mistake fails, its correct version, on
+"""The table of chapter 7 (tputil.course.mistakes.CONTROLS): each mistake fails, its correct version, on
 the same dense module and input, passes (tp_helpers explains the 1e-5 tolerance)."""
 
 import pytest
 import torch
 
 from tp_helpers import FLOAT32
-from tputil import mistakes
+from tputil.course import mistakes
 
 
 @pytest.mark.parametrize("p", [2, 3])

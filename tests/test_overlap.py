@@ -13,9 +13,9 @@ import torch
 
 from tp_helpers import FLOAT32, make_gpt
 from tputil.comm import run_threads
-from tputil.overlap import overlapped_forward
+from tputil.bench.overlap import overlapped_forward
 from tputil.tp_model import TPGPT
-from tputil.tp_vocab import VocabParallelTPGPT
+from tputil.tp_model import VocabParallelTPGPT
 
 B, T = 2, 16
 

@@ -1,4 +1,4 @@
-"""tputil.precision: the rounding bounds hold, for sums in any order and for the tensor-parallel GPT."""
+"""tputil.course.precision: the rounding bounds hold, for sums in any order and for the tensor-parallel GPT."""
 
 import copy
 import math
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from tp_helpers import PROPERTY, make_gpt
-from tputil import precision
+from tputil.course import precision
 from tputil.comm import run_threads
 from tputil.model import GPTConfig
 from tputil.tp_model import TPGPT

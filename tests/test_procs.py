@@ -1,4 +1,4 @@
-"""tputil.procs, chapter 8's rank functions: on threads (fast) and once on two real processes.
+"""tputil.course.ch08_real_processes, chapter 8's rank functions: on threads (fast) and once on two real processes.
 
 The chapter's claim is "same code, same numbers": the rank functions run unchanged on
 `run_threads` and on `run_processes`, and at p = 2 the two agree bit for bit (each rank does the
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tp_helpers import FLOAT32, make_gpt
-from tputil import procs
+from tputil.course import ch08_real_processes as procs
 from tputil.comm import SingleGroup, run_threads
 from tputil.launch import run_processes
 from tputil.model import GPTConfig

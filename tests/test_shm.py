@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 
 from tp_helpers import FLOAT32, make_gpt
-from tputil import launch_demos
+from tputil.course import ch08_real_processes as launch_demos
 from tputil.comm import DistGroup, RankError, ShmGroup
 from tputil.launch import run_processes
-from tputil.overlap import overlapped_forward
+from tputil.bench.overlap import overlapped_forward
 from tputil.tp_model import TPGPT
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.int64)

@@ -1,4 +1,4 @@
-"""tputil.trace: each collective of the tensor-parallel GPT is attributed to the module that issued it."""
+"""tputil.course.trace: each collective of the tensor-parallel GPT is attributed to the module that issued it."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from tp_helpers import make_gpt
 from tputil.comm import SingleGroup, run_threads
 from tputil.tp_model import TPGPT
-from tputil.trace import trace_collectives
+from tputil.course.trace import trace_collectives
 
 B, T = 2, 8
 

@@ -56,7 +56,7 @@ def test_refuses_what_it_cannot_draw():
 
 
 def test_timings_figure_has_measurements_model_and_both_regimes():
-    from tputil import cost
+    from tputil.course import cost
     sizes = [4096 * 4**k for k in range(6)]
     times = [cost.ring_time("all_reduce", n, 2, latency=2e-4, bandwidth=4e8) for n in sizes]
     fig = vc.draw_all_reduce_timings(sizes, times, p=2, latency=2e-4, bandwidth=4e8, title="t")

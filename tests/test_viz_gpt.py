@@ -8,7 +8,7 @@ from tp_helpers import make_gpt
 from tputil.comm import SingleGroup, run_threads
 from tputil.model import GPTConfig
 from tputil.tp_model import TPGPT
-from tputil.trace import trace_collectives
+from tputil.course.trace import trace_collectives
 from tputil.viz import gpt as viz_gpt
 
 

@@ -19,7 +19,7 @@ from tputil.model import GPTConfig
 from tputil.shard import (GPT_TP_PLAN, GPT_VOCAB_TP_PLAN, Replicate, VocabShard, gather_state_dict, pad_vocab_size,
                           shard_shapes, shard_state_dict, vocab_parallel_plan, vocab_range)
 from tputil.tp_model import TPGPT
-from tputil.tp_vocab import VocabParallelTPGPT, param_counts_per_rank
+from tputil.tp_model import VocabParallelTPGPT, param_counts_per_rank
 
 B, T, C = 2, 16, 48
 
@@ -431,7 +431,7 @@ def test_parameter_counts_match_built_models(p):
 
 def test_class_plan_is_the_vocab_plan_for_the_default_multiple():
     from tputil.shard import GPT_VOCAB_TP_PLAN, vocab_parallel_plan
-    from tputil.tp_vocab import VocabParallelTPGPT
+    from tputil.tp_model import VocabParallelTPGPT
 
     assert VocabParallelTPGPT.plan is GPT_VOCAB_TP_PLAN
     assert VocabParallelTPGPT.plan == vocab_parallel_plan(1)

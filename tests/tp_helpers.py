@@ -51,7 +51,7 @@ def assert_no_close_calls(model, tokens, n_prompt):
     Every step's gap between the best and the second-best logit must exceed chapter 7's worst-case
     bound on float32 rounding of a logit; then no order of summation can flip a choice.
     """
-    from tputil import precision
+    from tputil.course import precision
 
     gaps, bounds = precision.greedy_margins(model, tokens, n_prompt)
     close = [g / b for g, b in zip(gaps, bounds) if not g > b]

@@ -48,6 +48,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -75,8 +76,37 @@ def default_backend(world_size: int) -> str:
     return "nccl" if torch.cuda.is_available() and world_size <= torch.cuda.device_count() else "gloo"
 
 
-def _cpus() -> int:
+def available_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask where the system has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class RankEnvironment:
+    """Who a launcher (torchrun, `run_processes`) says this process is; `launched` False: one process of one."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launched: bool
+
+
+def environment() -> RankEnvironment:
+    """Read RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun sets them (rank 0 of 1 without them)."""
+    env = os.environ
+    world_size = int(env.get("WORLD_SIZE", 1))
+    return RankEnvironment(int(env.get("RANK", 0)), world_size, int(env.get("LOCAL_RANK", 0)),
+                           int(env.get("LOCAL_WORLD_SIZE", world_size)), "RANK" in env)
+
+
+def select_device(backend: str, local_rank: int) -> torch.device:
+    """This rank's device, chosen before it joins: under NCCL its own GPU, cuda:local_rank, made current
+    (NCCL wants one GPU per rank, and the tensors of its collectives there); the CPU otherwise."""
+    if backend != "nccl":
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def _to_cpu(obj):
@@ -291,7 +321,7 @@ def run_processes(fn, world_size: int, *args, backend: str | None = None, timeou
                 collective_timeout=collective_timeout, sys_path=sys.path, main=_main_to_load(fn), shm=shm,
                 # the ranks share the cores: each gets its share of intra-op threads (as torchrun does),
                 # or their thread teams spin against each other and small ops slow down a hundredfold
-                threads=max(1, _cpus() // world_size))
+                threads=max(1, available_cpus() // world_size))
     ranks = []
     try:
         for r in range(world_size):
@@ -442,8 +472,7 @@ def _child_main():
             _load_main(*spec["main"])
         fn, args = pickle.loads(job)
         del job
-        if spec["backend"] == "nccl":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
+        select_device(spec["backend"], rank)  # one machine: the local rank is the rank
         # start-up may take up to `timeout` (ranks start at different times); the collectives of fn run
         # on a group of all ranks whose every wait is bounded by collective_timeout
         dist.init_process_group(spec["backend"], store=store, rank=rank, world_size=world_size,

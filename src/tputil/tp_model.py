@@ -28,8 +28,8 @@ from .comm import gather_from_parallel_region
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, materialize
 from .loss import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from .model import LayerNorm, causal_attention, check_token_ids, cross_entropy, generate
-from .shard import (GPT_TP_PLAN, check_shard_state_dict, divide, local_shard, pad_vocab_size, placement,
-                    shard_state_dict, vocab_parallel_plan)
+from .shard import (GPT_TP_PLAN, GPT_VOCAB_TP_PLAN, check_shard_state_dict, divide, local_shard, pad_vocab_size,
+                    placement, shard_shapes, shard_state_dict, vocab_parallel_plan)
 
 
 def _from_dense(cls, dense, group):
@@ -275,3 +275,34 @@ class TPGPT(nn.Module):
         """
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
                         generator=generator, argmax=self.argmax, gather_logits=self.gather_logits)
+
+
+class VocabParallelTPGPT(TPGPT):
+    """`TPGPT` with vocab_parallel=True: the name chapter 10 teaches. Only the defaults differ.
+
+    `multiple`: the vocabulary is padded to a multiple of multiple * p (see `shard.pad_vocab_size`;
+    1 pads least, Megatron-LM uses 128). forward returns the logit shard (B, T, V_pad/p);
+    `gather_logits` turns it into the dense model's (B, T, V) when needed.
+    """
+
+    plan = GPT_VOCAB_TP_PLAN  # the plan for the default multiple=1; instances use their own multiple's
+
+    def __init__(self, config, *, group, multiple: int = 1):
+        super().__init__(config, group=group, vocab_parallel=True, multiple=multiple)
+
+
+def param_counts_per_rank(config, p: int, *, multiple: int = 1) -> dict:
+    """Parameters one rank stores, from the shapes alone (nothing is built); the tied wte/lm_head counted once.
+
+    Returns {"dense": the dense GPT, "replicated_head": a rank of `TPGPT` (blocks split, wte/lm_head
+    whole), "vocab_parallel": a rank of `VocabParallelTPGPT`, "saved": the difference, about
+    V * C * (p - 1) / p (more exactly V_pad * C / p replaces V * C)}.
+    """
+
+    def count(shapes):
+        return sum(s.numel() for name, s in shapes.items() if name != "lm_head.weight")  # tied: wte's tensor
+
+    replicated = count(shard_shapes(config, p, plan=GPT_TP_PLAN))
+    vocab = count(shard_shapes(config, p, plan=vocab_parallel_plan(multiple)))
+    return {"dense": count(shard_shapes(config, 1, plan=GPT_TP_PLAN)), "replicated_head": replicated,
+            "vocab_parallel": vocab, "saved": replicated - vocab}

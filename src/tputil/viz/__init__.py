@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 from torch import Tensor
 
-from tputil import lists
+from tputil.course import lists
 
 __all__ = ["draw_partial_sums", "format_values"]
 
@@ -73,7 +73,7 @@ def draw_partial_sums(partials: Sequence[Tensor], *, terms: Sequence[str] | None
     (optional) says how, e.g. ``"z = x1 + x2"``, and ``result`` (optional) names the total, e.g.
     ``"z + y"``. The top row shows one box per device with its partial, the bar in the middle is
     the all-reduce, and the bottom row shows every device holding the same total, computed here
-    with ``tputil.lists.all_reduce``. Tensors of up to four numbers show their values, larger
+    with ``tputil.course.lists.all_reduce``. Tensors of up to four numbers show their values, larger
     ones their shape.
 
     Device boxes carry the gids ``"device{r}-before"`` and ``"device{r}-after"``, the bar

@@ -1,7 +1,7 @@
 """The four collectives, who holds what before and after (chapter 2), drawn from real tensors.
 
 ``draw_collectives(xs)`` takes the per-device list of chapter 2 (``xs[r]`` is what device r holds),
-computes all-reduce, all-gather, reduce-scatter and broadcast with ``tputil.lists``, and draws
+computes all-reduce, all-gather, reduce-scatter and broadcast with ``tputil.course.lists``, and draws
 one panel per collective: each device's numbers before (left) and after (right). A number's cell
 has the color of the device it came from; a sum over devices is drawn gray.
 
@@ -9,7 +9,7 @@ Device boxes carry gids ``"{kind}-device{r}-before"`` and ``"{kind}-device{r}-af
 in ``tputil.comm.KINDS``), so a test can count 2p boxes per panel.
 
 ``draw_all_reduce_timings`` plots measured all-reduce times against message size, log-log, with
-the alpha-beta model of ``tputil.cost`` and its two regimes (latency-bound, bandwidth-bound).
+the alpha-beta model of ``tputil.course.cost`` and its two regimes (latency-bound, bandwidth-bound).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch, Rectangle
 from torch import Tensor
 
-from tputil import cost, lists
+from tputil.course import cost
+from tputil.course import lists
 from tputil.viz import device_color, format_values
 
 __all__ = ["draw_collectives", "describe", "draw_all_reduce_timings", "size_label", "PANELS"]
@@ -74,7 +75,7 @@ def draw_collectives(xs: Sequence[Tensor], *, src: int = 0, title: str | None = 
 
     The length of each tensor must be divisible by p (for the reduce-scatter), and p times that
     length at most 16 (so the all-gather's numbers stay readable). ``src`` is the broadcast's
-    source. Values come from ``tputil.lists``; whole numbers read best. The left column holds the
+    source. Values come from ``tputil.course.lists``; whole numbers read best. The left column holds the
     two reducing collectives, the right one all-gather and broadcast; every panel has the same scale.
     """
     lists._check_per_device(xs, "draw_collectives")

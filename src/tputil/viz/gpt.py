@@ -2,7 +2,7 @@
 
 ``draw_block_collectives(dense_trace, rank_traces, layer=0)`` draws one block as the code ran it:
 one row per leaf module of the block, in the order the forward pass called them (read from
-``tputil.trace`` traces, not written down by hand), a column for the dense model and one per
+``tputil.course.trace`` traces, not written down by hand), a column for the dense model and one per
 rank, each box showing the module's output shape. A rank's box is in the rank's color when its
 output is a shard (its shape differs from the dense model's), grey when every rank computes the
 same full tensor. Each collective the trace attributed to a module is a bar: forward ones (solid)

@@ -30,13 +30,12 @@ What every rank does (the guard, the interleaved rounds, the timing of collectiv
 
 import argparse
 import os
-import sys
 import time
 from dataclasses import dataclass
 
-from . import bench_report
-from .bench_ranks import worker
-from .model import GPTConfig
+from ..model import GPTConfig
+from . import report as bench_report
+from .ranks import worker
 
 
 @dataclass(frozen=True)
@@ -100,7 +99,7 @@ def run_bench(sizes=("tiny", "mid", "gpt2"), repeats: int = 3, *, seed: int = 0,
     little. Our ranks run 1 thread each, which no policy affects. `_sabotage` (a variant key)
     mis-shards that variant on purpose, to show that the guard stops it.
     """
-    from .launch import default_backend, run_processes
+    from ..launch import default_backend, run_processes
     sizes = [SIZES[s] if isinstance(s, str) else s for s in sizes]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -151,12 +150,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    """`python -m tputil.bench [options]`; a `bench` sub-command can call add_arguments(subparser) and run(args)."""
-    parser = argparse.ArgumentParser(prog="python -m tputil.bench", description=__doc__.split("\n")[0])
+def main(argv=None, prog="python -m tputil.bench") -> int:
+    """`python -m tputil.bench [options]` (and `python -m tputil bench [options]`): run and print the table."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     return run(add_arguments(parser).parse_args(argv))
-
-
-if __name__ == "__main__":  # run the package's copy of this module: the ranks unpickle its classes
-    from tputil.bench import main as _main
-    sys.exit(_main())

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .shard import divide
+from ..shard import divide
 
 __all__ = ["Traffic", "gpt_num_params", "layer_params", "tensor_parallel", "data_parallel",
            "pipeline_parallel", "compare"]

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .comm import run_threads
-from .layers import RowParallelLinear
-from .model import MLP, CausalSelfAttention, GPTConfig
-from .shard import shard_tensor
-from .tp_model import TPMLP, TPCausalSelfAttention
+from ..comm import run_threads
+from ..layers import RowParallelLinear
+from ..model import MLP, CausalSelfAttention, GPTConfig
+from ..shard import shard_tensor
+from ..tp_model import TPMLP, TPCausalSelfAttention
 
 
 def _max_error(outs, y) -> float:

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from .comm import CallRecord
+from ..comm import CallRecord
 
 
 class _Pending:

@@ -25,9 +25,9 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from .bench_torch_tp import local_value
-from .comm import DistGroup, ShmGroup
-from .model import GPT
+from .torch_tp import local_value
+from ..comm import DistGroup, ShmGroup
+from ..model import GPT
 
 LOGITS_TOL = dict(rtol=1e-4, atol=1e-4)
 LOSS_TOL = dict(rtol=0.0, atol=1e-4)
@@ -140,11 +140,10 @@ def _train_step(forward, optimizer):
 
 
 def _build(key, dense, groups, meshes, *, sabotage=None) -> _Runner:
-    from . import bench_torch_tp as btp
-    from .layers import ColumnParallelLinear
+    from . import torch_tp as btp
+    from ..layers import ColumnParallelLinear
     from .overlap import overlapped_forward
-    from .tp_model import TPGPT
-    from .tp_vocab import VocabParallelTPGPT
+    from ..tp_model import TPGPT, VocabParallelTPGPT
     if key.startswith("dense"):
         return _Runner(dense, _train_step(dense, _optimizer(dense)), lambda t: t)
     if key.startswith("torch"):
@@ -250,7 +249,7 @@ def worker(group, sizes, repeats, seed, variants, sabotage):
     """Every rank: the whole benchmark; returns {size name: {variant: {measure: [per run]}}, "_info": ...}."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from .bench_torch_tp import shm_mesh
+    from .torch_tp import shm_mesh
     device, threads = group.device, torch.get_num_threads()
     groups = dict(gloo=TimedGroup())
     meshes = dict(gloo=init_device_mesh(device.type, (group.world_size,)))

@@ -43,8 +43,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
 
-from .comm import REDUCE_OPS
-from .model import causal_attention
+from ..comm import REDUCE_OPS
+from ..model import causal_attention
 
 
 class SplitQKVAttention(nn.Module):

@@ -24,7 +24,7 @@ One device (p = 1) sends nothing, as ``Group`` returns at once.
 
 from __future__ import annotations
 
-from .comm.group import KINDS  # the collectives that Group counts, in its order
+from ..comm.group import KINDS  # the collectives that Group counts, in its order
 
 __all__ = ["KINDS", "ring_bytes", "ring_steps", "ring_time", "fit_latency_bandwidth"]
 
