@@ -1,6 +1,8 @@
-"""The collectives on run_threads, their counting, the failure modes, and the f/g autograd pairs.
+"""The collectives on run_threads, their counting and timing, asynchronous handles, the failure modes,
+and the f/g autograd pairs.
 
-DistGroup (real torch.distributed) is exercised in test_launch.py, on real processes.
+DistGroup (real torch.distributed) is exercised in test_launch.py, on real processes; its really
+asynchronous all-reduce here, on two gloo processes.
 """
 
 import time
@@ -10,9 +12,18 @@ import torch
 from hypothesis import given, strategies as st
 
 from tp_helpers import PROPERTY
-from tputil.comm import (CollectiveError, RankError, SingleGroup, copy_to_parallel_region,
-                         gather_from_parallel_region, reduce_from_parallel_region, run_threads,
-                         scatter_to_parallel_region)
+from tputil.comm import (
+    CollectiveError,
+    Handle,
+    RankError,
+    SingleGroup,
+    copy_to_parallel_region,
+    gather_from_parallel_region,
+    reduce_from_parallel_region,
+    run_threads,
+    scatter_to_parallel_region,
+)
+from tputil.launch import run_processes
 
 
 def inputs(p, shape=(2, 6), seed=0):
@@ -29,6 +40,7 @@ def rank_order_sum(ts):
 
 
 # ---------------------------------------------------------------------------- what each computes
+
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4])
 def test_collectives_compute_what_they_promise(p):
@@ -71,6 +83,7 @@ def test_reduce_scatter_then_all_gather_is_all_reduce(p, rows, per_rank, seed):
 
 # ---------------------------------------------------------------------------- counting
 
+
 def test_calls_and_bytes_are_counted_per_kind():
     x = torch.zeros(4, 6)  # 24 float32 numbers = 96 bytes
 
@@ -91,7 +104,13 @@ def test_calls_and_bytes_are_counted_per_kind():
         assert inner.calls == {"broadcast": 1} and inner.total_bytes == 96
         assert stats.total_calls == 5
         first = stats.log[0]
-        assert (first.kind, first.shape, first.dtype, first.nbytes, first.tag) == ("all_reduce", (4, 6), torch.float32, 96, "first")
+        assert (first.kind, first.shape, first.dtype, first.nbytes, first.tag) == (
+            "all_reduce",
+            (4, 6),
+            torch.float32,
+            96,
+            "first",
+        )
         assert stats.log[1].dtype == torch.float64
 
 
@@ -108,7 +127,119 @@ def test_reduce_scatter_needs_equal_chunks():
         run_threads(lambda g: g.reduce_scatter(torch.zeros(2, 5)), 2)
 
 
+# ---------------------------------------------------------------------------- async_op and timing
+
+
+def four_collectives(group, x, **kwargs):
+    return [
+        group.all_reduce(x, **kwargs),
+        group.all_gather(x, **kwargs),
+        group.reduce_scatter(x, **kwargs),
+        group.broadcast(x, src=group.world_size - 1, **kwargs),
+    ]
+
+
+@pytest.mark.parametrize("p", [2, 3])
+def test_async_op_on_threads_returns_completed_handles_with_the_same_results_counted_once(p):
+    xs = inputs(p, shape=(2, 6))
+
+    def fn(group):
+        x = xs[group.rank]
+        with group.stats.measure() as sync:
+            plain = four_collectives(group, x)
+        with group.stats.measure() as started:
+            handles = four_collectives(group, x, async_op=True)
+        completed = [h.is_completed() for h in handles]
+        results = [h.wait() for h in handles]
+        again = [h.wait() for h in handles]
+        return plain, handles, completed, results, again, sync, started
+
+    for plain, handles, completed, results, again, sync, started in run_threads(fn, p):
+        assert all(isinstance(h, Handle) for h in handles) and all(completed)  # threads: synchronous
+        assert all(torch.equal(a, b) for a, b in zip(results, plain))
+        assert all(a is b for a, b in zip(again, results))  # wait() again: the same tensor
+        assert started.calls == sync.calls == {"all_reduce": 1, "all_gather": 1, "reduce_scatter": 1, "broadcast": 1}
+        assert started.bytes == sync.bytes
+        assert not any(r.asynchronous for r in started.log)
+
+
+def test_async_op_on_one_rank_is_a_completed_handle_of_the_input():
+    group, x = SingleGroup(), torch.randn(2, 4)
+    for handle in four_collectives(group, x, async_op=True):
+        assert handle.is_completed() and handle.wait() is x
+    assert group.stats.total_calls == 0
+
+
+def test_calls_are_timed_only_when_asked():
+    def fn(group):
+        x = torch.ones(4)
+        group.all_reduce(x)  # untimed
+        with group.stats.measure(timed=True) as timed:
+            before = time.perf_counter()
+            group.all_reduce(x)
+            handle = group.all_gather(x, async_op=True)
+            with group.stats.measure() as inner:  # inside a timed region: timed too
+                group.broadcast(x)
+            after = time.perf_counter()
+        handle.wait()
+        group.reduce_scatter(x)  # the region has closed: untimed again
+        group.stats.timed = True  # or for every call of this group
+        group.all_reduce(x)
+        return group.stats.log, timed.log, inner.log, before, after
+
+    for log, timed, inner, before, after in run_threads(fn, 2):
+        assert [r.kind for r in timed] == ["all_reduce", "all_gather", "broadcast"]
+        assert timed == log[1:4] and inner == log[3:4]  # the same records, seen by every region
+        for record in timed:
+            assert before <= record.start and record.seconds >= 0 and record.start + record.seconds <= after
+        assert timed[0].start + timed[0].seconds <= timed[1].start  # one after the other
+        for record in (log[0], log[4]):
+            assert record.start is None and record.seconds is None
+        assert log[5].start is not None and log[5].seconds is not None
+
+
+def async_all_reduce_on_gloo(group):
+    """Rank 1 comes late: rank 0's asynchronous all-reduce is still in flight when it returns."""
+    x = torch.full((1000,), float(group.rank + 1))
+    if group.rank == 1:
+        time.sleep(0.5)
+    with group.stats.measure(timed=True) as m:
+        handle = group.all_reduce(x, async_op=True)
+        pending, seconds_before_wait = not handle.is_completed(), m.log[0].seconds
+        out = handle.wait()
+        same = handle.wait() is out
+        gathered = group.all_gather(x, async_op=True)  # synchronous on a DistGroup: completed
+    record = m.log[0]
+    return dict(
+        pending=pending,
+        seconds_before_wait=seconds_before_wait,
+        out=out,
+        same=same,
+        untouched=torch.equal(x, torch.full((1000,), float(group.rank + 1))),
+        gathered=(gathered.is_completed(), gathered.wait()),
+        calls=dict(m.calls),
+        asynchronous=[r.asynchronous for r in m.log],
+        seconds=record.seconds,
+    )
+
+
+@pytest.mark.slow
+def test_dist_group_starts_the_all_reduce_asynchronously_on_real_processes():
+    rank0, rank1 = run_processes(async_all_reduce_on_gloo, 2, backend="gloo", timeout=120.0)
+    assert rank0["pending"]  # returned before rank 1 had even called it
+    assert rank0["seconds_before_wait"] is None  # timed on wait: launch + wait
+    assert rank0["seconds"] >= 0.3  # the wait for rank 1 is exposed time
+    for out in (rank0, rank1):
+        assert torch.equal(out["out"], torch.full((1000,), 3.0)) and out["same"] and out["untouched"]
+        assert out["gathered"][0] and torch.equal(
+            out["gathered"][1], torch.cat([torch.ones(1000), 2 * torch.ones(1000)])
+        )
+        assert out["calls"] == {"all_reduce": 1, "all_gather": 1}  # counted once each, when started
+        assert out["asynchronous"] == [True, False]
+
+
 # ---------------------------------------------------------------------------- failure modes
+
 
 def test_a_rank_that_skips_a_collective_fails_fast():
     def fn(group):
@@ -118,8 +249,11 @@ def test_a_rank_that_skips_a_collective_fails_fast():
             group.all_reduce(x)  # rank 1 returns instead
 
     start = time.monotonic()
-    with pytest.raises(RankError, match=r"rank 1 returned without calling collective #2 \(all_reduce\), "
-                                        r"which ranks \[[02, ]+\] are waiting in") as info:
+    with pytest.raises(
+        RankError,
+        match=r"rank 1 returned without calling collective #2 \(all_reduce\), "
+        r"which ranks \[[02, ]+\] are waiting in",
+    ) as info:
         run_threads(fn, 3, timeout=20.0)
     assert time.monotonic() - start < 5.0  # an error at once, not the 20 s timeout
     # which of ranks 0 and 2 had arrived when rank 1 returned is a race, as on real processes
@@ -131,13 +265,18 @@ def test_mismatched_collectives_are_an_error_naming_each_rank():
         x = torch.ones(2, 2)
         return group.all_reduce(x) if group.rank == 0 else group.all_gather(x)
 
-    with pytest.raises(RankError, match=r"collective #1 does not match across ranks: rank 0 called "
-                                        r"all_reduce\(shape=\(2, 2\).*rank 1 called all_gather\(shape=\(2, 2\)"):
+    with pytest.raises(
+        RankError,
+        match=r"collective #1 does not match across ranks: rank 0 called "
+        r"all_reduce\(shape=\(2, 2\).*rank 1 called all_gather\(shape=\(2, 2\)",
+    ):
         run_threads(fn, 2)
 
 
 def test_mismatched_shapes_are_an_error():
-    with pytest.raises(RankError, match=r"rank 0 called all_reduce\(shape=\(3,\).*rank 1 called all_reduce\(shape=\(4,\)"):
+    with pytest.raises(
+        RankError, match=r"rank 0 called all_reduce\(shape=\(3,\).*rank 1 called all_reduce\(shape=\(4,\)"
+    ):
         run_threads(lambda g: g.all_reduce(torch.ones(3 + g.rank)), 2)
 
 
@@ -161,8 +300,11 @@ def test_timeout_is_the_last_resort():
             time.sleep(1.0)  # arrives long after rank 0 gave up
         return group.all_reduce(torch.ones(1))
 
-    with pytest.raises(RankError, match=r"rank 0 of 2 failed: CollectiveError: timed out after 0.2s in collective "
-                                        r"#1 \(all_reduce\): ranks \[0\] are waiting, ranks \[1\] never arrived"):
+    with pytest.raises(
+        RankError,
+        match=r"rank 0 of 2 failed: CollectiveError: timed out after 0.2s in collective "
+        r"#1 \(all_reduce\): ranks \[0\] are waiting, ranks \[1\] never arrived",
+    ):
         run_threads(fn, 2, timeout=0.2)
 
 
@@ -176,6 +318,7 @@ def test_run_threads_passes_args_and_grad_mode():
 
 
 # ---------------------------------------------------------------------------- the autograd pairs
+
 
 def grads_for(p, shape, seed=1):
     """Rank r's upstream gradient dL/dy: different on every rank."""
@@ -258,6 +401,10 @@ def test_scatter_to_parallel_region(p):
 
 def test_pairs_are_the_identity_on_one_rank():
     group, x = SingleGroup(), torch.randn(3, 4, requires_grad=True)
-    for op in (copy_to_parallel_region, reduce_from_parallel_region, gather_from_parallel_region,
-               scatter_to_parallel_region):
+    for op in (
+        copy_to_parallel_region,
+        reduce_from_parallel_region,
+        gather_from_parallel_region,
+        scatter_to_parallel_region,
+    ):
         assert op(x, group) is x

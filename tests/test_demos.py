@@ -7,9 +7,8 @@ real gloo processes, as the chapter does (a few seconds: each child imports torc
 import pytest
 import torch
 
-from tputil.course import ch02_collectives as demos
-from tputil.course import lists
 from tputil.comm import RankError, run_threads
+from tputil.course import ch02_collectives as demos, lists
 from tputil.launch import run_processes
 
 
@@ -19,8 +18,12 @@ def per_device(p, n=8):
 
 def check_demo(results, xs):
     p = len(xs)
-    expected = dict(all_reduce=lists.all_reduce(xs), all_gather=lists.all_gather(xs),
-                    reduce_scatter=lists.reduce_scatter(xs), broadcast=lists.broadcast(xs))
+    expected = dict(
+        all_reduce=lists.all_reduce(xs),
+        all_gather=lists.all_gather(xs),
+        reduce_scatter=lists.reduce_scatter(xs),
+        broadcast=lists.broadcast(xs),
+    )
     for r, out in enumerate(results):
         assert (out["rank"], out["world_size"]) == (r, p)
         for kind, want in expected.items():

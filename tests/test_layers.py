@@ -27,14 +27,27 @@ def dense_run(linear, x, grad_out):
     return y.detach(), x.grad, linear.weight.grad, None if linear.bias is None else linear.bias.grad
 
 
-def check_column(p, in_f, out_f, *, bias=True, gather_output=False, stride=1, dtype=torch.float32, tol=FLOAT32):
+def check_column(
+    p,
+    in_f,
+    out_f,
+    *,
+    bias=True,
+    gather_output=False,
+    stride=1,
+    async_grad_all_reduce=False,
+    dtype=torch.float32,
+    tol=FLOAT32,
+):
     dense = dense_linear(in_f, out_f, bias, dtype)
     x = torch.randn(2, 5, in_f, dtype=dtype)
     grad_out = torch.randn(2, 5, out_f, dtype=dtype)
     y, dx, dw, db = dense_run(dense, x, grad_out)
 
     def fn(group):
-        layer = ColumnParallelLinear.from_dense(dense, group=group, gather_output=gather_output, stride=stride)
+        layer = ColumnParallelLinear.from_dense(
+            dense, group=group, gather_output=gather_output, stride=stride, async_grad_all_reduce=async_grad_all_reduce
+        )
         xr = x.clone().requires_grad_()
         yr = layer(xr)
         # the loss is sum(y * grad_out); a rank holding only its columns sees only its part of grad_out
@@ -75,14 +88,16 @@ def check_row(p, in_f, out_f, *, bias=True, input_is_parallel=True, dtype=torch.
 @pytest.mark.parametrize("p", [1, 2, 3, 4])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("gather_output", [False, True])
-def test_column_parallel_matches_dense(p, bias, gather_output):
-    check_column(p, 16, 24, bias=bias, gather_output=gather_output)
+@pytest.mark.parametrize("async_grad_all_reduce", [False, True])
+def test_column_parallel_matches_dense(p, bias, gather_output, async_grad_all_reduce):
+    check_column(p, 16, 24, bias=bias, gather_output=gather_output, async_grad_all_reduce=async_grad_all_reduce)
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4])
 @pytest.mark.parametrize("gather_output", [False, True])
-def test_column_parallel_with_stride_3_matches_dense(p, gather_output):
-    check_column(p, 12, 3 * 12, stride=3, gather_output=gather_output)
+@pytest.mark.parametrize("async_grad_all_reduce", [False, True])
+def test_column_parallel_with_stride_3_matches_dense(p, gather_output, async_grad_all_reduce):
+    check_column(p, 12, 3 * 12, stride=3, gather_output=gather_output, async_grad_all_reduce=async_grad_all_reduce)
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4])
@@ -93,9 +108,23 @@ def test_row_parallel_matches_dense(p, bias, input_is_parallel):
 
 
 @PROPERTY
-@given(p=st.integers(1, 4), in_per=st.integers(1, 4), out_per=st.integers(1, 4), stride=st.integers(1, 3))
-def test_column_parallel_property_float64(p, in_per, out_per, stride):
-    check_column(p, 3 * in_per, p * stride * out_per, stride=stride, dtype=torch.float64, tol=FLOAT64)
+@given(
+    p=st.integers(1, 4),
+    in_per=st.integers(1, 4),
+    out_per=st.integers(1, 4),
+    stride=st.integers(1, 3),
+    overlap=st.booleans(),
+)
+def test_column_parallel_property_float64(p, in_per, out_per, stride, overlap):
+    check_column(
+        p,
+        3 * in_per,
+        p * stride * out_per,
+        stride=stride,
+        async_grad_all_reduce=overlap,
+        dtype=torch.float64,
+        tol=FLOAT64,
+    )
 
 
 @PROPERTY
@@ -163,7 +192,7 @@ def test_constructor_slices_one_master_weight_drawn_like_nn_linear():
     p = 2
     cols = run_threads(lambda g: ColumnParallelLinear(6, 8, group=g, generator=torch.Generator().manual_seed(7)), p)
     rows = run_threads(lambda g: RowParallelLinear(6, 8, group=g, generator=torch.Generator().manual_seed(7)), p)
-    master = torch.empty(8, 6).uniform_(-6 ** -0.5, 6 ** -0.5, generator=torch.Generator().manual_seed(7))
+    master = torch.empty(8, 6).uniform_(-(6**-0.5), 6**-0.5, generator=torch.Generator().manual_seed(7))
     assert torch.equal(torch.cat([c.weight for c in cols], dim=0), master)
     assert torch.equal(torch.cat([r.weight for r in rows], dim=1), master)
     assert torch.equal(rows[0].bias, rows[1].bias)

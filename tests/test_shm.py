@@ -16,10 +16,9 @@ import torch
 import torch.distributed as dist
 
 from tp_helpers import FLOAT32, make_gpt
-from tputil.course import ch08_real_processes as launch_demos
 from tputil.comm import DistGroup, RankError, ShmGroup
+from tputil.course import ch08_real_processes as launch_demos
 from tputil.launch import run_processes
-from tputil.bench.overlap import overlapped_forward
 from tputil.tp_model import TPGPT
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.int64)
@@ -40,8 +39,7 @@ def _inputs(rank, n_calls=40, seed=0):
 
 def compare_with_gloo(group, capacity_bytes, ordered_stores=None):
     """Every call through ShmGroup and through plain gloo (DistGroup on the same processes)."""
-    kind = ShmGroup if ordered_stores is None else type("Shm", (ShmGroup,), {"ordered_stores": ordered_stores})
-    shm = kind(group.process_group, capacity_bytes=capacity_bytes, timeout=20.0)
+    shm = ShmGroup(group.process_group, capacity_bytes=capacity_bytes, timeout=20.0, ordered_stores=ordered_stores)
     gloo = DistGroup(group.process_group)
     skew = random.Random(group.rank)
     same_as_gloo, same_as_rank_order, untouched = [], [], []
@@ -55,34 +53,52 @@ def compare_with_gloo(group, capacity_bytes, ordered_stores=None):
         # gloo adds p > 2 ranks in an order of its own: the same bits only up to float rounding
         exact = not took_shm or group.world_size == 2 or op != "sum" or not x.is_floating_point()
         ulps = 4 * torch.finfo(x.dtype).eps * 300 if x.is_floating_point() else 0  # |sums| < 300 here
-        same_as_gloo.append(torch.equal(got, want) if exact
-                            else torch.allclose(got.double(), want.double(), rtol=0, atol=ulps))
+        same_as_gloo.append(
+            torch.equal(got, want) if exact else torch.allclose(got.double(), want.double(), rtol=0, atol=ulps)
+        )
         parts = gloo.all_gather(x.unsqueeze(0), dim=0)  # (p, ...) every rank's input, in rank order
         ordered = parts[0].clone()
         for part in parts[1:]:
             ordered = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}[op](ordered, part)
         same_as_rank_order.append(not took_shm or torch.equal(got, ordered))
         same_as_rank_order[-1] &= got.dtype == x.dtype and got.shape == x.shape
-    return dict(same_as_gloo=same_as_gloo, same_as_rank_order=same_as_rank_order, untouched=untouched,
-                shm_calls=shm._seq, counted=dict(shm.stats.calls), counted_bytes=dict(shm.stats.bytes),
-                gloo_counted=dict(gloo.stats.calls), ordered_stores=shm.ordered_stores)
+    return dict(
+        same_as_gloo=same_as_gloo,
+        same_as_rank_order=same_as_rank_order,
+        untouched=untouched,
+        shm_calls=shm._seq,
+        counted=dict(shm.stats.calls),
+        counted_bytes=dict(shm.stats.bytes),
+        gloo_counted=dict(gloo.stats.calls),
+        ordered_stores=shm.ordered_stores,
+    )
 
 
 def tp_gpt_shm_and_gloo(group, dense, idx, targets):
     """The TP GPT's forward and backward on ShmGroup and on gloo: logits, loss, gradients and counts."""
     out = {}
-    for name, g in (("shm", ShmGroup(group.process_group, timeout=20.0)), ("gloo", DistGroup(group.process_group))):
-        model = TPGPT.from_dense(dense, group=g)
+    shm = ShmGroup(group.process_group, timeout=20.0)
+    for name, g, overlap in (
+        ("shm", shm, False),
+        ("gloo", DistGroup(group.process_group), False),
+        ("overlapped", shm, True),
+    ):
+        model = TPGPT.from_dense(dense, group=g, async_grad_all_reduce=overlap)
+        before = shm._seq
         with g.stats.measure() as m:
             logits, loss = model(idx, targets)
             loss.backward()
-        out[name] = dict(logits=logits.detach(), loss=loss.detach(), calls=dict(m.calls), bytes=dict(m.bytes),
-                         grads=[p.grad for p in model.parameters()])
-        if name == "shm":  # the overlapped forward on a ShmGroup: its all-reduces through shared memory too
-            before = g._seq
-            with torch.no_grad():
-                out["overlapped"] = overlapped_forward(model, idx, targets, chunks=2)
-            out["overlapped_shm_calls"] = g._seq - before
+        out[name] = dict(
+            logits=logits.detach(),
+            loss=loss.detach(),
+            calls=dict(m.calls),
+            bytes=dict(m.bytes),
+            grads=[p.grad for p in model.parameters()],
+            shm_calls=shm._seq - before,
+            asynchronous=[r.asynchronous for r in m.log],
+        )
+    handle = shm.all_reduce(torch.ones(3), async_op=True)  # ShmGroup: synchronous, a completed handle
+    out["handle"] = (handle.is_completed(), handle.wait(), shm.stats.log[-1].asynchronous)
     return out
 
 
@@ -128,9 +144,16 @@ def test_tp_gpt_on_shm_equals_gloo_bit_for_bit(no_leftover_shm):
         assert all(torch.equal(a, b) for a, b in zip(shm["grads"], gloo["grads"]))
         assert shm["calls"] == gloo["calls"] == {"all_reduce": 4 * dense.config.n_layer}
         assert shm["bytes"] == gloo["bytes"]
-        torch.testing.assert_close(out["overlapped"][0], shm["logits"], **FLOAT32)
-        torch.testing.assert_close(out["overlapped"][1], shm["loss"], **FLOAT32)
-        assert out["overlapped_shm_calls"] == 2 * 2 * dense.config.n_layer  # 2 chunks x 2 per layer
+        # the backward-overlap option on a ShmGroup: the same results, every all-reduce through shared memory
+        overlapped = out["overlapped"]
+        assert torch.equal(overlapped["logits"], shm["logits"])
+        torch.testing.assert_close(overlapped["loss"], shm["loss"], **FLOAT32)
+        for a, b in zip(overlapped["grads"], shm["grads"]):
+            torch.testing.assert_close(a, b, **FLOAT32)
+        assert overlapped["calls"] == shm["calls"] and overlapped["bytes"] == shm["bytes"]
+        assert overlapped["shm_calls"] == shm["shm_calls"] == 4 * dense.config.n_layer
+        assert not any(overlapped["asynchronous"])
+        assert out["handle"][0] and torch.equal(out["handle"][1], torch.full((3,), 2.0)) and not out["handle"][2]
 
 
 @pytest.mark.slow
@@ -173,13 +196,19 @@ def world_of_one():
 def test_bad_arguments_are_refused_with_what_to_do(world_of_one, no_leftover_shm):
     with pytest.raises(ValueError, match="capacity_bytes=100: it must be a positive multiple of 64"):
         ShmGroup(capacity_bytes=100)
+    with pytest.raises(ValueError, match=r"slots=0 must be >= 1 \(2 are needed\) and read_delay=0.0 >= 0"):
+        ShmGroup(slots=0)
+    with pytest.raises(ValueError, match="read_delay=-1 >= 0"):
+        ShmGroup(read_delay=-1)
+    assert (ShmGroup(ordered_stores=False).ordered_stores, ShmGroup().slots) == (False, 2)
     with mock.patch("platform.machine", return_value="arm64"):  # may reorder stores: a barrier orders them
         assert ShmGroup().ordered_stores is False
     no_room = OSError(28, "No space left on device")
     with mock.patch("os.posix_fallocate", side_effect=no_room), pytest.raises(ValueError) as info:
         ShmGroup(capacity_bytes=1 << 20)
-    assert "has no room for 2.0 MiB (No space left on device): pass a smaller capacity_bytes (now 1048576)" \
-        in str(info.value)  # 2 slots x 1 rank x 1 MiB, and 128 bytes of headers
+    assert "has no room for 2.0 MiB (No space left on device): pass a smaller capacity_bytes (now 1048576)" in str(
+        info.value
+    )  # 2 slots x 1 rank x 1 MiB, and 128 bytes of headers
     alone = ShmGroup()
     x = torch.ones(3)
     assert alone.all_reduce(x) is x and alone.stats.total_calls == 0  # one rank: nothing to reduce

@@ -7,24 +7,29 @@ from hypothesis import given, strategies as st
 from tp_helpers import DEGREES, FLOAT32, FLOAT64, PROPERTY, assert_no_close_calls, make_gpt
 from tputil.comm import RankError, SingleGroup, run_threads
 from tputil.shard import GPT_TP_PLAN, Shard, shard_shapes, shard_state_dict
-from tputil.tp_model import TPGPT, TPBlock, TPCausalSelfAttention, TPMLP
+from tputil.tp_model import TPGPT, TPMLP, TPBlock, TPCausalSelfAttention
 
 B, T = 2, 16
 
 
 def tp_module(cls, dense_module, config, group):
     """A TP module loaded with this rank's shard of a dense module (names line up, so one plan serves)."""
-    prefix = {TPMLP: "transformer.h.0.mlp.", TPCausalSelfAttention: "transformer.h.0.attn.", TPBlock: "transformer.h.0."}[cls]
+    prefix = {
+        TPMLP: "transformer.h.0.mlp.",
+        TPCausalSelfAttention: "transformer.h.0.attn.",
+        TPBlock: "transformer.h.0.",
+    }[cls]
     sd = {prefix + k: v for k, v in dense_module.state_dict().items()}
     shard = shard_state_dict(sd, config, group.rank, group.world_size)
     module = cls(config, group=group).to(next(dense_module.parameters()).dtype)
-    module.load_state_dict({k[len(prefix):]: v for k, v in shard.items()})
+    module.load_state_dict({k[len(prefix) :]: v for k, v in shard.items()})
     return module
 
 
 @pytest.mark.parametrize("p", DEGREES)
-@pytest.mark.parametrize("cls, name, n_all_reduce", [(TPMLP, "mlp", 1), (TPCausalSelfAttention, "attn", 1),
-                                                     (TPBlock, None, 2)])
+@pytest.mark.parametrize(
+    "cls, name, n_all_reduce", [(TPMLP, "mlp", 1), (TPCausalSelfAttention, "attn", 1), (TPBlock, None, 2)]
+)
 def test_tp_pieces_match_dense_and_count_their_all_reduces(p, cls, name, n_all_reduce):
     dense_gpt = make_gpt()
     block = dense_gpt.transformer.h[0]
@@ -73,17 +78,17 @@ def test_tp_gpt_logits_loss_and_gradients_match_dense(p):
     def fn(group):
         model = TPGPT.from_dense(dense, group=group)
         with group.stats.measure() as fwd:
-            out, l = model(idx, targets)
+            out, tp_loss = model(idx, targets)
         with group.stats.measure() as bwd:
-            l.backward()
+            tp_loss.backward()
         expected = shard_state_dict(dense_grads, dense.config, group.rank, p)
         for n, q in model.named_parameters():
             torch.testing.assert_close(q.grad, expected[n], **FLOAT32, msg=lambda m: f"{n}: {m}")
-        return out, l, fwd, bwd
+        return out, tp_loss, fwd, bwd
 
-    for out, l, fwd, bwd in run_threads(fn, p):
+    for out, tp_loss, fwd, bwd in run_threads(fn, p):
         torch.testing.assert_close(out, logits, **FLOAT32)
-        torch.testing.assert_close(l, loss, **FLOAT32)
+        torch.testing.assert_close(tp_loss, loss, **FLOAT32)
         n = dense.config.n_layer
         if p > 1:
             # forward: two all-reduces per layer (attn.c_proj, mlp.c_proj) and nothing else
@@ -115,8 +120,14 @@ def test_tp_gpt_is_exact_in_float64():
 
 
 @PROPERTY
-@given(p=st.sampled_from(DEGREES), heads_per_rank=st.integers(1, 2), hs=st.integers(1, 4),
-       n_layer=st.integers(1, 2), t=st.integers(1, 8), bias=st.booleans())
+@given(
+    p=st.sampled_from(DEGREES),
+    heads_per_rank=st.integers(1, 2),
+    hs=st.integers(1, 4),
+    n_layer=st.integers(1, 2),
+    t=st.integers(1, 8),
+    bias=st.booleans(),
+)
 def test_tp_gpt_matches_dense_over_shapes_and_degrees(p, heads_per_rank, hs, n_layer, t, bias):
     n_head = p * heads_per_rank
     dense = make_gpt(dtype=torch.float64, n_layer=n_layer, n_head=n_head, n_embd=n_head * hs, block_size=8, bias=bias)
@@ -160,15 +171,20 @@ def test_p_1_is_the_dense_model():
 
 def test_a_degree_that_does_not_divide_the_heads_is_rejected():
     dense = make_gpt(n_head=6)
-    with pytest.raises(RankError, match=r"n_head=6 is not divisible by p=4; p must divide n_head: try one of \[1, 2, 3, 6\]"):
+    with pytest.raises(
+        RankError, match=r"n_head=6 is not divisible by p=4; p must divide n_head: try one of \[1, 2, 3, 6\]"
+    ):
         run_threads(lambda g: TPGPT.from_dense(dense, group=g), 4)
 
 
 def test_loading_a_shard_of_the_wrong_shape_names_the_parameter():
     dense = make_gpt()
     shard = shard_state_dict(dense.state_dict(), dense.config, 0, 3)
-    with pytest.raises(RankError, match=r"rank 0: transformer.h.0.attn.c_attn.weight: expected shape \(72, 48\) "
-                                        r"for a shard at p=2, got \(48, 48\)"):
+    with pytest.raises(
+        RankError,
+        match=r"rank 0: transformer.h.0.attn.c_attn.weight: expected shape \(72, 48\) "
+        r"for a shard at p=2, got \(48, 48\)",
+    ):
         run_threads(lambda g: TPGPT.from_shard_state_dict(shard, dense.config, group=g), 2)
 
 
@@ -202,3 +218,20 @@ def test_a_model_loaded_by_the_plan_owns_its_tensors_on_the_dense_device_and_dty
 def test_multiple_needs_the_vocabulary_parallel_head():
     with pytest.raises(ValueError, match=r"multiple=128 pads the vocabulary of the vocabulary-parallel head"):
         TPGPT.from_dense(make_gpt(n_layer=1), group=SingleGroup(), multiple=128)
+
+
+def test_the_async_grad_option_travels_through_every_way_of_building():
+    dense = make_gpt(n_layer=1)
+    shard = shard_state_dict(dense.state_dict(), dense.config, 0, 1)
+    for model in (
+        TPGPT.from_dense(dense, group=SingleGroup(), async_grad_all_reduce=True),
+        TPGPT.from_shard_state_dict(shard, dense.config, group=SingleGroup(), async_grad_all_reduce=True),
+        TPGPT(dense.config, group=SingleGroup(), vocab_parallel=True, async_grad_all_reduce=True),
+    ):
+        assert model.async_grad_all_reduce
+        assert (
+            model.transformer.h[0].attn.c_attn.async_grad_all_reduce
+            and model.transformer.h[0].mlp.c_fc.async_grad_all_reduce
+        )
+    assert model.lm_head.async_grad_all_reduce  # the vocabulary-parallel head is column-parallel too
+    assert not TPGPT.from_dense(dense, group=SingleGroup()).transformer.h[0].mlp.c_fc.async_grad_all_reduce

@@ -7,8 +7,9 @@ Megatron-LM's `mpu/layers.py`. Two ways to build one: the constructor draws the 
 weight from `generator` and keeps this rank's slice, so that the ranks together hold exactly the
 dense layer Megatron would draw; `from_dense` builds the layer on the `meta` device (shapes only,
 nothing drawn) and loads this rank's slice of a dense layer (`materialize`). Communication goes
-through the f/g pairs of `comm`, so the same layer runs on `run_threads`, on real processes, and
-(world_size 1) on one device.
+through the f/g pairs of `comm` (or, with `ColumnParallelLinear`'s async_grad_all_reduce, through
+the group's asynchronous all-reduce), so the same layer runs on `run_threads`, on real processes,
+and (world_size 1) on one device.
 
 A note on transposes: the layers compute Y = XA + b, but `F.linear(x, W, b)` computes X W^T + b,
 with W = A^T of shape (out_features, in_features). So "A split by columns" splits W's dim 0, and
@@ -21,8 +22,12 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .comm import (copy_to_parallel_region, gather_from_parallel_region, reduce_from_parallel_region,
-                   scatter_to_parallel_region)
+from .comm import (
+    copy_to_parallel_region,
+    gather_from_parallel_region,
+    reduce_from_parallel_region,
+    scatter_to_parallel_region,
+)
 from .model import check_token_ids
 from .shard import divide, gather_tensors, pad_vocab_size, shard_tensor, vocab_range
 
@@ -31,7 +36,11 @@ def _master_weight(out_features, in_features, bias, device, dtype, generator):
     """nn.Linear's initialization, U(-1/sqrt(in), 1/sqrt(in)) for weight and bias, drawn in full."""
     bound = 1.0 / math.sqrt(in_features)
     w = torch.empty(out_features, in_features, device=device, dtype=dtype).uniform_(-bound, bound, generator=generator)
-    b = torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound, generator=generator) if bias else None
+    b = (
+        torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound, generator=generator)
+        if bias
+        else None
+    )
     return w, b
 
 
@@ -55,6 +64,29 @@ def materialize(module: nn.Module, state_dict: dict, *, device, dtype=None) -> n
     return module
 
 
+class _LinearAsyncGradAllReduce(torch.autograd.Function):
+    """f and Y = X W^T + b in one: forward the linear alone; backward starts the all-reduce of
+    dL/dX = dL/dY W (async_op=True), computes dL/dW = dL/dY^T X and dL/db while it travels, then waits."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.has_bias = group, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        started = None
+        if need_x:  # (..., in) this rank's part of dL/dX; the sum over ranks is f's all-reduce, started now
+            started = ctx.group.all_reduce(grad @ weight, tag="copy_to_parallel_region.backward", async_op=True)
+        grad2d = grad.reshape(-1, grad.size(-1))  # (N, out/p)
+        grad_w = grad2d.t() @ x.reshape(-1, x.size(-1)) if need_w else None  # (out/p, in), while it travels
+        grad_b = grad2d.sum(0) if ctx.has_bias and need_b else None  # (out/p,)
+        return None if started is None else started.wait(), grad_w, grad_b, None
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = XA + b, A split by columns: A = [A_1, ..., A_p], b = [b_1, ..., b_p].
 
@@ -64,17 +96,35 @@ class ColumnParallelLinear(nn.Module):
     ranks' Y_r are all-gathered into the full Y. `stride` s: A's columns form s equal sections
     (q, k, v for attention's fused c_attn) and rank r holds its chunk of each.
 
+    async_grad_all_reduce (Megatron-LM's asynchronous tensor-parallel all-reduce): backward starts
+    the all-reduce of dL/dX with async_op=True and computes dL/dW and dL/db while it travels, then
+    waits; it takes f's place (the same all-reduce, with f's tag). The forward and the results are
+    the same (up to float32 rounding: other matmul shapes); only a `DistGroup` really overlaps.
+
     forward: copy_to_parallel_region (f) -> X A_r + b_r -> (gather_from_parallel_region).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, group, bias: bool = True,
-                 gather_output: bool = False, stride: int = 1, device=None, dtype=None, generator=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        group,
+        bias: bool = True,
+        gather_output: bool = False,
+        stride: int = 1,
+        async_grad_all_reduce: bool = False,
+        device=None,
+        dtype=None,
+        generator=None,
+    ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.group = group
         self.gather_output = gather_output
         self.stride = stride
+        self.async_grad_all_reduce = async_grad_all_reduce
         p = group.world_size
         if stride < 1 or out_features % stride != 0:
             raise ValueError(f"out_features={out_features} is not divisible by stride={stride}")
@@ -84,19 +134,39 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(shard_tensor(b, group.rank, p, 0, stride)) if bias else None  # (out/p,)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, *, group, gather_output: bool = False, stride: int = 1):
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        *,
+        group,
+        gather_output: bool = False,
+        stride: int = 1,
+        async_grad_all_reduce: bool = False,
+    ):
         """This rank's A_r and b_r of a dense nn.Linear, on its device and in its dtype; nothing drawn."""
         w, b, r, p = linear.weight, linear.bias, group.rank, group.world_size
-        layer = cls(linear.in_features, linear.out_features, group=group, bias=b is not None,
-                    gather_output=gather_output, stride=stride, device="meta", dtype=w.dtype)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            group=group,
+            bias=b is not None,
+            gather_output=gather_output,
+            stride=stride,
+            async_grad_all_reduce=async_grad_all_reduce,
+            device="meta",
+            dtype=w.dtype,
+        )
         shard = {"weight": shard_tensor(w.detach(), r, p, 0, stride)}  # (out/p, in)
         if b is not None:
             shard["bias"] = shard_tensor(b.detach(), r, p, 0, stride)  # (out/p,)
         return materialize(layer, shard, device=w.device)
 
     def forward(self, x):
-        x = copy_to_parallel_region(x, self.group)  # (..., in) replicated; f: all-reduce of grads in backward
-        y = F.linear(x, self.weight, self.bias)  # (..., out/p) sharded on the last dim
+        if self.async_grad_all_reduce and self.group.world_size > 1:  # f inside: its all-reduce overlapped
+            y = _LinearAsyncGradAllReduce.apply(x, self.weight, self.bias, self.group)  # (..., out/p) sharded
+        else:
+            x = copy_to_parallel_region(x, self.group)  # (..., in) replicated; f: all-reduce of grads in backward
+            y = F.linear(x, self.weight, self.bias)  # (..., out/p) sharded on the last dim
         if self.gather_output:
             y = gather_from_parallel_region(y, self.group)  # (..., out) in rank order
             if self.stride > 1:  # rank order is [q_1 k_1 v_1 q_2 ...]; restore the dense [q k v]
@@ -104,9 +174,12 @@ class ColumnParallelLinear(nn.Module):
         return y
 
     def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features} "
-                f"({self.out_features_per_rank} on rank {self.group.rank} of {self.group.world_size}), "
-                f"bias={self.bias is not None}, gather_output={self.gather_output}, stride={self.stride}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features} "
+            f"({self.out_features_per_rank} on rank {self.group.rank} of {self.group.world_size}), "
+            f"bias={self.bias is not None}, gather_output={self.gather_output}, stride={self.stride}"
+            + (", async_grad_all_reduce=True" if self.async_grad_all_reduce else "")
+        )
 
 
 class RowParallelLinear(nn.Module):
@@ -120,8 +193,18 @@ class RowParallelLinear(nn.Module):
     forward: (scatter_to_parallel_region) -> X_r A_r -> reduce_from_parallel_region (g) -> + b.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, group, bias: bool = True,
-                 input_is_parallel: bool = True, device=None, dtype=None, generator=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        group,
+        bias: bool = True,
+        input_is_parallel: bool = True,
+        device=None,
+        dtype=None,
+        generator=None,
+    ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -136,8 +219,15 @@ class RowParallelLinear(nn.Module):
     def from_dense(cls, linear: nn.Linear, *, group, input_is_parallel: bool = True):
         """This rank's A_r and the whole b of a dense nn.Linear, on its device and in its dtype; nothing drawn."""
         w, b = linear.weight, linear.bias
-        layer = cls(linear.in_features, linear.out_features, group=group, bias=b is not None,
-                    input_is_parallel=input_is_parallel, device="meta", dtype=w.dtype)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            group=group,
+            bias=b is not None,
+            input_is_parallel=input_is_parallel,
+            device="meta",
+            dtype=w.dtype,
+        )
         shard = {"weight": shard_tensor(w.detach(), group.rank, group.world_size, 1)}  # (out, in/p)
         if b is not None:
             shard["bias"] = b.detach()  # (out,) replicated
@@ -153,9 +243,11 @@ class RowParallelLinear(nn.Module):
         return y
 
     def extra_repr(self):
-        return (f"in_features={self.in_features} ({self.in_features_per_rank} on rank {self.group.rank} "
-                f"of {self.group.world_size}), out_features={self.out_features}, bias={self.bias is not None}, "
-                f"input_is_parallel={self.input_is_parallel}")
+        return (
+            f"in_features={self.in_features} ({self.in_features_per_rank} on rank {self.group.rank} "
+            f"of {self.group.world_size}), out_features={self.out_features}, bias={self.bias is not None}, "
+            f"input_is_parallel={self.input_is_parallel}"
+        )
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -172,15 +264,26 @@ class VocabParallelEmbedding(nn.Module):
     forward: mask -> local lookup -> zero foreign rows -> reduce_from_parallel_region (g).
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, group, padded_vocab_size: int | None = None,
-                 device=None, dtype=None, generator=None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        group,
+        padded_vocab_size: int | None = None,
+        device=None,
+        dtype=None,
+        generator=None,
+    ):
         super().__init__()
         p = group.world_size
         if padded_vocab_size is None:
             padded_vocab_size = pad_vocab_size(num_embeddings, p)
         if padded_vocab_size < num_embeddings:
-            raise ValueError(f"padded_vocab_size={padded_vocab_size} is smaller than the vocabulary "
-                             f"num_embeddings={num_embeddings}; use shard.pad_vocab_size({num_embeddings}, {p})")
+            raise ValueError(
+                f"padded_vocab_size={padded_vocab_size} is smaller than the vocabulary "
+                f"num_embeddings={num_embeddings}; use shard.pad_vocab_size({num_embeddings}, {p})"
+            )
         self.num_embeddings = num_embeddings  # V, the real ids 0 .. V-1
         self.padded_vocab_size = padded_vocab_size  # V_pad, divisible by p
         self.embedding_dim = embedding_dim
@@ -195,9 +298,15 @@ class VocabParallelEmbedding(nn.Module):
     def from_dense(cls, embedding: nn.Embedding, *, group, padded_vocab_size: int | None = None):
         """This rank's rows of a dense nn.Embedding, zeros for padding, on its device, in its dtype; none drawn."""
         w = embedding.weight.detach()
-        layer = cls(embedding.num_embeddings, embedding.embedding_dim, group=group, padded_vocab_size=padded_vocab_size,
-                    device="meta", dtype=w.dtype)
-        rows = w[layer.vocab_start:min(layer.vocab_end, layer.num_embeddings)]  # may be empty: all padding
+        layer = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            group=group,
+            padded_vocab_size=padded_vocab_size,
+            device="meta",
+            dtype=w.dtype,
+        )
+        rows = w[layer.vocab_start : min(layer.vocab_end, layer.num_embeddings)]  # may be empty: all padding
         padding = w.new_zeros(layer.vocab_end - layer.vocab_start - rows.size(0), w.size(1))
         return materialize(layer, {"weight": torch.cat([rows, padding])}, device=w.device)  # (V_pad/p, C)
 
@@ -210,5 +319,7 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_parallel_region(y, self.group)  # (B, T, C) replicated; g: one all-reduce
 
     def extra_repr(self):
-        return (f"{self.num_embeddings}, {self.embedding_dim}, padded_vocab_size={self.padded_vocab_size} "
-                f"(ids [{self.vocab_start}, {self.vocab_end}) on rank {self.group.rank} of {self.group.world_size})")
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, padded_vocab_size={self.padded_vocab_size} "
+            f"(ids [{self.vocab_start}, {self.vocab_end}) on rank {self.group.rank} of {self.group.world_size})"
+        )

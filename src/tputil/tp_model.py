@@ -28,16 +28,28 @@ from .comm import gather_from_parallel_region
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, materialize
 from .loss import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from .model import LayerNorm, causal_attention, check_token_ids, cross_entropy, generate
-from .shard import (GPT_TP_PLAN, GPT_VOCAB_TP_PLAN, check_shard_state_dict, divide, local_shard, pad_vocab_size,
-                    placement, shard_shapes, shard_state_dict, vocab_parallel_plan)
+from .shard import (
+    GPT_TP_PLAN,
+    GPT_VOCAB_TP_PLAN,
+    check_shard_state_dict,
+    divide,
+    local_shard,
+    pad_vocab_size,
+    placement,
+    shard_shapes,
+    shard_state_dict,
+    vocab_parallel_plan,
+)
 
 
 def _from_dense(cls, dense, group):
     """A `cls` (TPMLP or TPCausalSelfAttention) holding this rank's shard of `dense`, by GPT_TP_PLAN."""
     with torch.device("meta"):
         module = cls(dense.config, group=group)  # shapes only: nothing drawn, nothing allocated
-    shard = {name: local_shard(t, placement(cls.path + name), group.rank, group.world_size)
-             for name, t in dense.state_dict().items()}
+    shard = {
+        name: local_shard(t, placement(cls.path + name), group.rank, group.world_size)
+        for name, t in dense.state_dict().items()
+    }
     w = next(dense.parameters())
     return materialize(module, shard, device=w.device, dtype=w.dtype)
 
@@ -142,19 +154,27 @@ class TPGPT(nn.Module):
     `ColumnParallelLinear` without gather, logits (B, T, V_pad/p), this rank's ids
     [vocab_start, vocab_end); the loss and the greedy argmax are computed from the shards.
 
+    async_grad_all_reduce=True sets that option on every column-parallel layer (c_attn, c_fc and,
+    vocab-parallel, lm_head; see `layers.ColumnParallelLinear`): their backward overlaps the
+    all-reduce of dL/dX with the weight gradients. The same results and collectives, as calls.
+
     Build it with `from_dense` or `from_shard_state_dict`; the constructor draws random weights
     that mean nothing. `plan`: how the dense state dict maps onto this model (see shard.py).
     """
 
     plan = GPT_TP_PLAN  # for the replicated head; an instance with vocab_parallel=True has its own
 
-    def __init__(self, config, *, group, vocab_parallel: bool = False, multiple: int = 1):
+    def __init__(
+        self, config, *, group, vocab_parallel: bool = False, multiple: int = 1, async_grad_all_reduce: bool = False
+    ):
         super().__init__()
         p, V, C = group.world_size, config.vocab_size, config.n_embd
         divide(config.n_head, p, "n_head")
         if multiple != 1 and not vocab_parallel:
-            raise ValueError(f"multiple={multiple} pads the vocabulary of the vocabulary-parallel head: "
-                             f"pass vocab_parallel=True, or leave multiple=1")
+            raise ValueError(
+                f"multiple={multiple} pads the vocabulary of the vocabulary-parallel head: "
+                f"pass vocab_parallel=True, or leave multiple=1"
+            )
         self.config = config
         self.group = group
         self.vocab_parallel = vocab_parallel
@@ -166,24 +186,31 @@ class TPGPT(nn.Module):
         else:
             self.padded_vocab_size = V
             wte = nn.Embedding(V, C)  # replicated
-        self.transformer = nn.ModuleDict(dict(
-            wte=wte,
-            wpe=nn.Embedding(config.block_size, C),  # replicated
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([TPBlock(config, group=group) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(C, bias=config.bias),  # replicated
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=wte,
+                wpe=nn.Embedding(config.block_size, C),  # replicated
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([TPBlock(config, group=group) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(C, bias=config.bias),  # replicated
+            )
+        )
         if vocab_parallel:
             self.lm_head = ColumnParallelLinear(C, self.padded_vocab_size, group=group, bias=False)  # (C) -> (V_pad/p)
         else:
             self.lm_head = nn.Linear(C, V, bias=False)  # (C) -> (V) replicated
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor, two names
+        self.async_grad_all_reduce = async_grad_all_reduce
+        for module in self.modules():
+            if isinstance(module, ColumnParallelLinear):
+                module.async_grad_all_reduce = async_grad_all_reduce
 
     @classmethod
     def from_shard_state_dict(cls, state_dict, config, *, group, device=None, dtype=None, **options):
         """This rank's model from its shard; shapes are checked first, with errors naming the parameter.
 
-        options: the constructor's (vocab_parallel, multiple). device and dtype default to the shard's.
+        options: the constructor's (vocab_parallel, multiple, async_grad_all_reduce). device and dtype
+        default to the shard's.
         """
         with torch.device("meta"):
             model = cls(config, group=group, **options)  # shapes only: nothing drawn, nothing allocated
@@ -194,8 +221,9 @@ class TPGPT(nn.Module):
         """This rank's slice of a dense GPT, by the plan: every rank ends up computing what the dense model computes."""
         with torch.device("meta"):
             model = cls(dense.config, group=group, **options)  # shapes only: nothing drawn, nothing allocated
-        return model._load(shard_state_dict(dense.state_dict(), dense.config, group.rank, group.world_size,
-                                            plan=model.plan))
+        return model._load(
+            shard_state_dict(dense.state_dict(), dense.config, group.rank, group.world_size, plan=model.plan)
+        )
 
     def _load(self, state_dict, *, device=None, dtype=None):
         """This model, built on the meta device, given storage and loaded with its shard: the one way to load."""
@@ -220,12 +248,16 @@ class TPGPT(nn.Module):
         the logits of ids [vocab_start, vocab_end), never gathered (see `gather_logits`).
         """
         if self.training and self.config.dropout > 0:
-            raise ValueError(f"dropout={self.config.dropout} in training mode is not supported under tensor "
-                             f"parallelism yet (ranks would draw different masks): use model.eval() or dropout=0.0")
+            raise ValueError(
+                f"dropout={self.config.dropout} in training mode is not supported under tensor "
+                f"parallelism yet (ranks would draw different masks): use model.eval() or dropout=0.0"
+            )
         B, T = idx.size()
         if T > self.config.block_size:
-            raise ValueError(f"cannot forward a sequence of length {T}: block_size is only "
-                             f"{self.config.block_size}; crop the input or raise block_size")
+            raise ValueError(
+                f"cannot forward a sequence of length {T}: block_size is only "
+                f"{self.config.block_size}; crop the input or raise block_size"
+            )
         if not isinstance(self.transformer.wte, VocabParallelEmbedding):  # that one checks the ids itself
             check_token_ids(idx, self.config.vocab_size)
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
@@ -244,8 +276,9 @@ class TPGPT(nn.Module):
         """
         if not self.vocab_parallel:
             return cross_entropy(logits, targets)
-        return vocab_parallel_cross_entropy(logits, targets, group=self.group, vocab_start=self.vocab_start,
-                                            vocab_size=self.config.vocab_size)
+        return vocab_parallel_cross_entropy(
+            logits, targets, group=self.group, vocab_start=self.vocab_start, vocab_size=self.config.vocab_size
+        )
 
     def argmax(self, logits):
         """(..., V) or, with vocab_parallel, the shards (..., V_pad/p) -> (...) the id of the largest logit.
@@ -254,8 +287,9 @@ class TPGPT(nn.Module):
         """
         if not self.vocab_parallel:
             return logits.argmax(dim=-1)
-        return vocab_parallel_argmax(logits, group=self.group, vocab_start=self.vocab_start,
-                                     vocab_size=self.config.vocab_size)
+        return vocab_parallel_argmax(
+            logits, group=self.group, vocab_start=self.vocab_start, vocab_size=self.config.vocab_size
+        )
 
     def gather_logits(self, logits):
         """The full logits (..., V): the logits themselves, or from the shards (..., V_pad/p) one all-gather.
@@ -264,7 +298,7 @@ class TPGPT(nn.Module):
         """
         if not self.vocab_parallel:
             return logits
-        return gather_from_parallel_region(logits, self.group)[..., :self.config.vocab_size]
+        return gather_from_parallel_region(logits, self.group)[..., : self.config.vocab_size]
 
     def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None):
         """The dense GPT's generate (`model.generate`); every rank must call it (each step communicates).
@@ -273,8 +307,17 @@ class TPGPT(nn.Module):
         of B numbers per token on top of the forward); sampling all-gathers them, (B, V_pad/p) per
         rank: give every rank a generator in the same state, or the ranks draw different tokens.
         """
-        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
-                        generator=generator, argmax=self.argmax, gather_logits=self.gather_logits)
+        return generate(
+            self,
+            idx,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            greedy=greedy,
+            generator=generator,
+            argmax=self.argmax,
+            gather_logits=self.gather_logits,
+        )
 
 
 class VocabParallelTPGPT(TPGPT):
@@ -287,8 +330,10 @@ class VocabParallelTPGPT(TPGPT):
 
     plan = GPT_VOCAB_TP_PLAN  # the plan for the default multiple=1; instances use their own multiple's
 
-    def __init__(self, config, *, group, multiple: int = 1):
-        super().__init__(config, group=group, vocab_parallel=True, multiple=multiple)
+    def __init__(self, config, *, group, multiple: int = 1, async_grad_all_reduce: bool = False):
+        super().__init__(
+            config, group=group, vocab_parallel=True, multiple=multiple, async_grad_all_reduce=async_grad_all_reduce
+        )
 
 
 def param_counts_per_rank(config, p: int, *, multiple: int = 1) -> dict:
@@ -304,5 +349,9 @@ def param_counts_per_rank(config, p: int, *, multiple: int = 1) -> dict:
 
     replicated = count(shard_shapes(config, p, plan=GPT_TP_PLAN))
     vocab = count(shard_shapes(config, p, plan=vocab_parallel_plan(multiple)))
-    return {"dense": count(shard_shapes(config, 1, plan=GPT_TP_PLAN)), "replicated_head": replicated,
-            "vocab_parallel": vocab, "saved": replicated - vocab}
+    return {
+        "dense": count(shard_shapes(config, 1, plan=GPT_TP_PLAN)),
+        "replicated_head": replicated,
+        "vocab_parallel": vocab,
+        "saved": replicated - vocab,
+    }

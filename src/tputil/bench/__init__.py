@@ -3,5 +3,6 @@
 ``run`` (the command and its sizes and variants), ``ranks`` (what each process does: the
 correctness guard, the interleaved timed rounds), ``report`` (the table), ``torch_tp`` (PyTorch's
 ``parallelize_module`` on our GPT; the only place that touches PyTorch's private distributed APIs),
-``overlap``. Run ``python -m tputil.bench`` or ``python -m tputil bench``.
+``timing`` (timing whole runs on every rank, also for the chapters). Run ``python -m tputil.bench``
+or ``python -m tputil bench``.
 """

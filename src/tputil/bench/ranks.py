@@ -12,73 +12,29 @@ the dense model's after the same step (so the gradients were right). Tolerances 
 bug (a wrong q/k/v split, a bias added twice) moves them by 1e-2 or more. A failure raises
 `BenchCorrectnessError` and nothing is timed.
 
-Time inside collectives: ours with `TimedGroup` (`TimedShmGroup`), call by call; PyTorch's from
-the profiler during the guard's step and second forward (its `_c10d_functional` ops, launches and waits), so the two
-are comparable only roughly.
+Time inside collectives: ours call by call, from the group's own records
+(`group.stats.measure(timed=True)`: per call the time it kept the rank, for an asynchronous
+all-reduce its launch plus its wait); PyTorch's from the profiler during the guard's step and
+second forward (its `_c10d_functional` ops, launches and waits), so the two are comparable only
+roughly. Every rank lines up with the others before each timed run (`timing.line_up`).
 """
 
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 
 import torch
-import torch.distributed as dist
 
-from .torch_tp import local_value
 from ..comm import DistGroup, ShmGroup
 from ..model import GPT
+from .timing import line_up, seconds
+from .torch_tp import local_value
 
 LOGITS_TOL = dict(rtol=1e-4, atol=1e-4)
 LOSS_TOL = dict(rtol=0.0, atol=1e-4)
-# ours + overlap: the sequence in 2 chunks for the forward (each chunk's all-reduces travel while the
-# other chunk computes); 1 chunk in the training step, where only the backward's all-reduce of dL/dX
-# overlaps with dL/dW: chunks double the backward's all-reduces, and on a busy machine every blocking
-# all-reduce costs milliseconds of rescheduling (measured: 2 chunks made the step slower).
-OVERLAP_CHUNKS = (2, 1)  # (forward, training step)
 
 
 class BenchCorrectnessError(AssertionError):
     """A variant's logits or loss differ from the dense model's: its timing would be worthless."""
-
-
-class _Timed:
-    """Mixed into a DistGroup kind: records the wall time spent inside each collective in `durations` (s)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.durations = []
-
-    def record_seconds(self, seconds):
-        self.durations.append(seconds)
-
-    def _timed(self, fn, *args):
-        start = time.perf_counter()
-        out = fn(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.record_seconds(time.perf_counter() - start)
-        return out
-
-    def _all_reduce(self, t, op):
-        return self._timed(super()._all_reduce, t, op)
-
-    def _all_gather(self, t, dim):
-        return self._timed(super()._all_gather, t, dim)
-
-    def _reduce_scatter(self, t, dim):
-        return self._timed(super()._reduce_scatter, t, dim)
-
-    def _broadcast(self, t, src):
-        return self._timed(super()._broadcast, t, src)
-
-
-class TimedGroup(_Timed, DistGroup):
-    """DistGroup, timed."""
-
-
-class TimedShmGroup(_Timed, ShmGroup):
-    """ShmGroup, timed."""
 
 
 def check_close(what, got, want, tol):
@@ -113,6 +69,7 @@ def _optimizer(model):
     GPT-2 size). Fused AdamW takes DTensors, but not DTensors and tensors mixed in one param group
     (PyTorch's TP keeps the norms as plain tensors), so the parameters are grouped by kind."""
     from torch.distributed.tensor import DTensor
+
     groups = {}
     for p in model.parameters():
         groups.setdefault(isinstance(p, DTensor), []).append(p)
@@ -122,10 +79,11 @@ def _optimizer(model):
 @dataclass
 class _Runner:
     """One variant on this rank: a forward, a training step, the full logits from what forward returns."""
+
     forward: object
     step: object
     full_logits: object
-    group: object = None  # ours: the TimedGroup or TimedShmGroup whose durations are its comm time
+    group: object = None  # ours: the DistGroup or ShmGroup whose timed records are its comm time
     torch_tp: bool = False
 
 
@@ -136,48 +94,53 @@ def _train_step(forward, optimizer):
         loss.backward()
         optimizer.step()
         return loss.detach()
+
     return step
 
 
 def _build(key, dense, groups, meshes, *, sabotage=None) -> _Runner:
-    from . import torch_tp as btp
     from ..layers import ColumnParallelLinear
-    from .overlap import overlapped_forward
     from ..tp_model import TPGPT, VocabParallelTPGPT
+    from . import torch_tp as btp
+
     if key.startswith("dense"):
         return _Runner(dense, _train_step(dense, _optimizer(dense)), lambda t: t)
     if key.startswith("torch"):
         mesh = meshes["shm" if key.endswith("_shm") else "gloo"]
         model = btp.torch_tp_model(dense, mesh, vocab_parallel=key.startswith("torch_vocab"))
         opt = _optimizer(model)
-        return _Runner(lambda x, y: btp.forward_loss(model, x, y), lambda x, y: btp.train_step(model, opt, x, y),
-                       btp.full_logits, torch_tp=True)
+        return _Runner(
+            lambda x, y: btp.forward_loss(model, x, y),
+            lambda x, y: btp.train_step(model, opt, x, y),
+            btp.full_logits,
+            torch_tp=True,
+        )
     group = groups["shm" if key.endswith("_shm") else "gloo"]
-    model = (TPGPT if key.startswith("ours_rep") else VocabParallelTPGPT).from_dense(dense, group=group)
+    cls = TPGPT if key.startswith("ours_rep") else VocabParallelTPGPT
+    model = cls.from_dense(dense, group=group, async_grad_all_reduce=key == "ours_overlap")
     if sabotage == key:  # deliberately wrong: c_attn cut into contiguous rows instead of per q/k/v section
         for block, dense_block in zip(model.transformer.h, dense.transformer.h):
-            block.attn.c_attn = ColumnParallelLinear.from_dense(dense_block.attn.c_attn, group=group, stride=1)
-    forward = train_forward = model
-    if key == "ours_overlap":  # see OVERLAP_CHUNKS
-        forward = partial(overlapped_forward, model, chunks=OVERLAP_CHUNKS[0])
-        train_forward = partial(overlapped_forward, model, chunks=OVERLAP_CHUNKS[1])
-    return _Runner(forward, _train_step(train_forward, _optimizer(model)), getattr(model, "gather_logits", lambda t: t),
-                   group)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+            block.attn.c_attn = ColumnParallelLinear.from_dense(
+                dense_block.attn.c_attn, group=group, stride=1, async_grad_all_reduce=model.async_grad_all_reduce
+            )
+    return _Runner(model, _train_step(model, _optimizer(model)), model.gather_logits, group)
 
 
 def _torch_comm_seconds(prof):
-    return sum(e.cpu_time_total for e in prof.events()
-               if e.name.startswith("_c10d_functional::") and "wrap_tensor" not in e.name) / 1e6
+    return (
+        sum(
+            e.cpu_time_total
+            for e in prof.events()
+            if e.name.startswith("_c10d_functional::") and "wrap_tensor" not in e.name
+        )
+        / 1e6
+    )
 
 
 def _bench_size(size, groups, meshes, repeats, seed, variants, sabotage, device, threads):
     """One model size on this rank: build, guard, then interleaved timed rounds; returns the raw timings."""
     from torch.profiler import ProfilerActivity, profile
+
     rank, p = groups["gloo"].rank, groups["gloo"].world_size
     dense = dense_model(size.config, seed, device)
     x, y = _batch(size, seed, device)
@@ -189,24 +152,21 @@ def _bench_size(size, groups, meshes, repeats, seed, variants, sabotage, device,
 
     def measure(key, phase, *, record=True, profiled=False):
         """Run `key`'s forward or step once with all ranks starting together; return its result."""
-        dist.barrier()  # the ranks that sit out a dense run wait here, idle
+        line_up(groups["gloo"])  # the ranks that sit out a dense run wait here, idle (gloo blocks, not spins)
         if key not in runners:
             return None
         r = runners[key]
-        n0 = len(r.group.durations) if r.group else 0
         torch.set_num_threads({"dense": threads * p, "dense1": 1}.get(key, threads))
+        comm = r.group.stats.measure(timed=True) if r.group else nullcontext()
         with torch.no_grad() if phase == "fwd" else torch.enable_grad():
-            with profile(activities=[ProfilerActivity.CPU]) if profiled else nullcontext() as prof:
-                start = time.perf_counter()
-                out = (r.forward if phase == "fwd" else r.step)(x, y)
-                _sync(device)
-                seconds = time.perf_counter() - start
+            with profile(activities=[ProfilerActivity.CPU]) if profiled else nullcontext() as prof, comm as m:
+                elapsed, out = seconds(lambda: (r.forward if phase == "fwd" else r.step)(x, y), device)
         torch.set_num_threads(threads)
-        calls = r.group.durations[n0:] if r.group else []
+        calls = [rec.seconds for rec in m.log] if r.group else []
         if profiled:
             raw[key]["comm_" + phase].append(_torch_comm_seconds(prof))
         if record:
-            raw[key][phase].append(seconds)
+            raw[key][phase].append(elapsed)
             if not r.torch_tp and not key.startswith("dense"):
                 raw[key]["comm_" + phase].append(sum(calls))
                 raw[key]["calls_" + phase].append(calls)
@@ -222,7 +182,7 @@ def _bench_size(size, groups, meshes, repeats, seed, variants, sabotage, device,
         with torch.no_grad():
             ref = torch.stack([ref_loss, step_loss, dense(x, y)[1]]).float()
         torch.set_num_threads(threads)
-    dist.broadcast(ref, 0)
+    ref = groups["gloo"].broadcast(ref, src=0)
     if rank != 0:
         with torch.no_grad():
             ref_logits, _ = dense(x, y)  # rank 0's numbers, up to the rounding of its threads
@@ -241,7 +201,8 @@ def _bench_size(size, groups, meshes, repeats, seed, variants, sabotage, device,
         for phase in ("fwd", "step"):
             for key in variants:
                 measure(key, phase)
-    del runners, dense
+    runners.clear()  # the models and their optimizer states go before the next size is built
+    del dense
     return raw
 
 
@@ -250,11 +211,12 @@ def worker(group, sizes, repeats, seed, variants, sabotage):
     from torch.distributed.device_mesh import init_device_mesh
 
     from .torch_tp import shm_mesh
+
     device, threads = group.device, torch.get_num_threads()
-    groups = dict(gloo=TimedGroup())
+    groups = dict(gloo=DistGroup())
     meshes = dict(gloo=init_device_mesh(device.type, (group.world_size,)))
     if any(k.startswith("ours") and k.endswith("_shm") for k in variants):
-        groups["shm"] = TimedShmGroup(timeout=600.0)
+        groups["shm"] = ShmGroup(timeout=600.0)
     if any(k.startswith("torch") and k.endswith("_shm") for k in variants):  # a segment of its own
         meshes["shm"] = shm_mesh(ShmGroup(timeout=600.0))
     out = {s.name: _bench_size(s, groups, meshes, repeats, seed, variants, sabotage, device, threads) for s in sizes}

@@ -9,11 +9,28 @@ rank; both are medians over the repeats of per-run sums (waiting: the mean over 
 
 import statistics
 
-COLUMNS = [("variant", "{}", 40), ("fwd", "{:.1f}", 8), ("step", "{:.1f}", 9), ("comm_fwd", "{:.1f}", 10),
-           ("comm_step", "{:.1f}", 11), ("fwd/dense", "{:.2f}x", 11), ("step/dense", "{:.2f}x", 12),
-           ("fwd/torch", "{:.2f}x", 11), ("step/torch", "{:.2f}x", 12)]
-HEADERS = ["variant", "fwd ms", "step ms", "comm fwd", "comm step", "fwd/dense", "step/dense", "fwd/torch",
-           "step/torch"]
+COLUMNS = [
+    ("variant", "{}", 40),
+    ("fwd", "{:.1f}", 8),
+    ("step", "{:.1f}", 9),
+    ("comm_fwd", "{:.1f}", 10),
+    ("comm_step", "{:.1f}", 11),
+    ("fwd/dense", "{:.2f}x", 11),
+    ("step/dense", "{:.2f}x", 12),
+    ("fwd/torch", "{:.2f}x", 11),
+    ("step/torch", "{:.2f}x", 12),
+]
+HEADERS = [
+    "variant",
+    "fwd ms",
+    "step ms",
+    "comm fwd",
+    "comm step",
+    "fwd/dense",
+    "step/dense",
+    "fwd/torch",
+    "step/torch",
+]
 
 
 def _median_ms(runs_per_rank, reduce):
@@ -40,7 +57,7 @@ def _split_comm(calls_per_rank):
 
 
 def rows(size, per_rank, variants):
-    """The table rows of one size from every rank's {variant: {measure: [per run]}} (see bench_ranks._bench_size)."""
+    """The table rows of one size from every rank's {variant: {measure: [per run]}} (see ranks._bench_size)."""
     out = {}
     for key, (label, _) in variants.items():
         if key not in per_rank[0]:
@@ -51,7 +68,8 @@ def rows(size, per_rank, variants):
             row[phase] = _median_ms([r[phase] for r in ranks], max)
             row["comm_" + phase] = _median_ms([r["comm_" + phase] for r in ranks], statistics.mean)
             row["calls_" + phase], row["transfer_" + phase], row["waiting_" + phase] = _split_comm(
-                [r["calls_" + phase] for r in ranks])
+                [r["calls_" + phase] for r in ranks]
+            )
         out[key] = row
     for key, row in out.items():
         torch_key = variants[key][1]
@@ -74,19 +92,27 @@ def format_table(result_rows, sizes, note="") -> str:
     lines = [head, "-" * len(head)]
     for size in sizes:
         c = size.config
-        lines.append(f"{size.name}: {c.n_layer} layers, C={c.n_embd}, nh={c.n_head}, V={c.vocab_size}, "
-                     f"B={size.batch}, T={c.block_size}")
+        lines.append(
+            f"{size.name}: {c.n_layer} layers, C={c.n_embd}, nh={c.n_head}, V={c.vocab_size}, "
+            f"B={size.batch}, T={c.block_size}"
+        )
         for row in (r for r in result_rows if r["size"] == size.name):
             lines.append("".join(_cell(row[name], fmt, width, i == 0) for i, (name, fmt, width) in enumerate(COLUMNS)))
-    lines.append("ms: median over the repeats of the slowest rank. comm: ms inside collectives, mean over the ranks "
-                 "(ours: timed; torch: profiled once).\nx/torch: against PyTorch TP with the same head and transport "
-                 "(the vocab variants: PyTorch's best plan, vocabulary-parallel head and loss_parallel)." + note)
+    lines.append(
+        "ms: median over the repeats of the slowest rank. comm: ms inside collectives, mean over the ranks "
+        "(ours: timed; torch: profiled once).\nx/torch: against PyTorch TP with the same head and transport "
+        "(the vocab variants: PyTorch's best plan, vocabulary-parallel head and loss_parallel)." + note
+    )
     split = [r for r in result_rows if r.get("calls_fwd")]
     if split:
-        lines.append("\nOur time inside collectives = transfer (what the last rank to arrive waits) + waiting "
-                     "for the other rank, ms:")
+        lines.append(
+            "\nOur time inside collectives = transfer (what the last rank to arrive waits) + waiting "
+            "for the other rank, ms:"
+        )
         for r in split:
-            lines.append(f"  {r['size']:>5} {r['variant']:<28} forward: {r['calls_fwd']:3d} calls, "
-                         f"{r['transfer_fwd']:7.1f} + {r['waiting_fwd']:7.1f}   step: {r['calls_step']:3d} calls, "
-                         f"{r['transfer_step']:7.1f} + {r['waiting_step']:7.1f}")
+            lines.append(
+                f"  {r['size']:>5} {r['variant']:<36} forward: {r['calls_fwd']:3d} calls, "
+                f"{r['transfer_fwd']:7.1f} + {r['waiting_fwd']:7.1f}   step: {r['calls_step']:3d} calls, "
+                f"{r['transfer_step']:7.1f} + {r['waiting_step']:7.1f}"
+            )
     return "\n".join(lines)

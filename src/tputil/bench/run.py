@@ -8,13 +8,16 @@ cores as torch intra-op threads (1 each on a 2-core machine). Every rank builds 
 from a fixed seed (biases and norms perturbed so that a misplaced one shows), and from it:
 
 - `ours, replicated head`: `tp_model.TPGPT.from_dense`;
-- `ours, vocab head`: `tp_vocab.VocabParallelTPGPT.from_dense` (the logits stay sharded);
-- `ours, vocab head + overlap`: the same model run by `overlap.overlapped_forward`;
+- `ours, vocab head`: `tp_model.VocabParallelTPGPT.from_dense` (the logits stay sharded);
+- `ours, vocab head + backward overlap`: the same model with `async_grad_all_reduce=True`: every
+  column-parallel layer's backward starts the all-reduce of dL/dX asynchronously and computes
+  dL/dW while it travels (Megatron-LM's asynchronous tensor-parallel all-reduce). Its forward
+  is the plain one, so only the training step can differ;
 - `ours, ... , shm` (replicated or vocab head): the same models on a `comm.ShmGroup`, whose
   all-reduces go through shared memory instead of gloo's sockets (same results, bit for bit at p = 2);
 - `torch TP, replicated head` and `torch TP, vocab + loss_parallel`: `parallelize_module` on the
-  same dense model (`bench_torch_tp`); the latter is PyTorch's best plan for this model. With
-  `, shm`: the same, its all-reduces through shared memory too (`bench_torch_tp.shm_mesh`), so
+  same dense model (`torch_tp`); the latter is PyTorch's best plan for this model. With
+  `, shm`: the same, its all-reduces through shared memory too (`torch_tp.shm_mesh`), so
   that ours on shared memory is compared with PyTorch's on shared memory.
 
 The dense model runs on rank 0 alone with all p ranks' threads while the others wait in a barrier
@@ -22,10 +25,10 @@ The dense model runs on rank 0 alone with all p ranks' threads while the others 
 variant's forward runs once, then each variant's training step, so the rest of the machine's noise
 hits them all alike. Forward: `model(idx, targets)` under no_grad (logits and loss). Step:
 zero_grad, forward, backward, AdamW (the same for all). Times and the time inside
-collectives are summarized by `bench_report` (the slowest rank, the median over the rounds).
+collectives are summarized by `report` (the slowest rank, the median over the rounds).
 
 What every rank does (the guard, the interleaved rounds, the timing of collectives) is in
-`bench_ranks`; the table is `bench_report`'s.
+`ranks`; the table is `report`'s.
 """
 
 import argparse
@@ -57,7 +60,7 @@ VARIANTS = {  # key -> (label, the PyTorch variant it is compared with)
     "dense1": ("dense, 1 process, 1 thread", None),  # not run by default: what the threads buy
     "ours_rep": ("ours, replicated head", "torch_rep"),
     "ours_vocab": ("ours, vocab head", "torch_vocab"),
-    "ours_overlap": ("ours, vocab head + overlap", "torch_vocab"),
+    "ours_overlap": ("ours, vocab head + backward overlap", "torch_vocab"),
     "ours_rep_shm": ("ours, replicated head, shm", "torch_rep_shm"),
     "ours_vocab_shm": ("ours, vocab head, shm", "torch_vocab_shm"),
     "torch_rep": ("torch TP, replicated head", None),
@@ -86,9 +89,18 @@ def _loadavg() -> str:
         return "?"
 
 
-def run_bench(sizes=("tiny", "mid", "gpt2"), repeats: int = 3, *, seed: int = 0, p: int = 2,
-              variants=DEFAULT_VARIANTS, backend: str | None = None, timeout: float = 1800.0,
-              omp_wait_policy: str | None = "PASSIVE", _sabotage: str | None = None) -> BenchResult:
+def run_bench(
+    sizes=("tiny", "mid", "gpt2"),
+    repeats: int = 3,
+    *,
+    seed: int = 0,
+    p: int = 2,
+    variants=DEFAULT_VARIANTS,
+    backend: str | None = None,
+    timeout: float = 1800.0,
+    omp_wait_policy: str | None = "PASSIVE",
+    _sabotage: str | None = None,
+) -> BenchResult:
     """Run the benchmark on p processes; return its rows and the table (see the module docstring).
 
     sizes: names in SIZES or BenchSize objects; each gets repeats * size.rounds timed rounds.
@@ -100,20 +112,33 @@ def run_bench(sizes=("tiny", "mid", "gpt2"), repeats: int = 3, *, seed: int = 0,
     mis-shards that variant on purpose, to show that the guard stops it.
     """
     from ..launch import default_backend, run_processes
+
     sizes = [SIZES[s] if isinstance(s, str) else s for s in sizes]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}: choose from {list(VARIANTS)}")
     backend = backend or default_backend(p)
-    variants = ["dense"] + [k for k in VARIANTS if k in variants and k != "dense"
-                            and not (k.endswith("_shm") and backend != "gloo")]  # shm: CPU tensors only
+    variants = ["dense"] + [
+        k for k in VARIANTS if k in variants and k != "dense" and not (k.endswith("_shm") and backend != "gloo")
+    ]  # shm: CPU tensors only
     load_before, start = _loadavg(), time.perf_counter()
     saved = os.environ.get("OMP_WAIT_POLICY")
     if omp_wait_policy:
         os.environ["OMP_WAIT_POLICY"] = omp_wait_policy  # the ranks inherit the environment
     try:
-        per_rank = run_processes(worker, p, sizes, repeats, seed, variants, _sabotage, backend=backend,
-                                 timeout=timeout, collective_timeout=timeout, echo=False)
+        per_rank = run_processes(
+            worker,
+            p,
+            sizes,
+            repeats,
+            seed,
+            variants,
+            _sabotage,
+            backend=backend,
+            timeout=timeout,
+            collective_timeout=timeout,
+            echo=False,
+        )
     finally:
         if saved is None:
             os.environ.pop("OMP_WAIT_POLICY", None)
@@ -122,19 +147,32 @@ def run_bench(sizes=("tiny", "mid", "gpt2"), repeats: int = 3, *, seed: int = 0,
     rows = [row for s in sizes for row in bench_report.rows(s, [r[s.name] for r in per_rank], VARIANTS)]
     wall_s, info = time.perf_counter() - start, per_rank[0]["_info"]
     rounds = ", ".join(f"{s.name} {repeats * s.rounds}" for s in sizes)
-    note = (f"\np={p} ranks ({info['backend']}, {info['threads']} thread(s) each) against the dense model on "
-            f"{info['threads'] * p} thread(s); OMP_WAIT_POLICY={omp_wait_policy or 'inherited'}; timed rounds: "
-            f"{rounds}; load average {load_before} before, {_loadavg()} after; wall time {wall_s:.0f} s")
+    note = (
+        f"\np={p} ranks ({info['backend']}, {info['threads']} thread(s) each) against the dense model on "
+        f"{info['threads'] * p} thread(s); OMP_WAIT_POLICY={omp_wait_policy or 'inherited'}; timed rounds: "
+        f"{rounds}; load average {load_before} before, {_loadavg()} after; wall time {wall_s:.0f} s"
+    )
     return BenchResult(sizes, rows, bench_report.format_table(rows, sizes, note), wall_s)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "mid", "gpt2"], choices=list(SIZES),
-                        help="model sizes (default: all three)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed rounds (times 5 for tiny, 2 for mid); the median is shown")
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
-                        help="variants to run (dense always runs; dense1 is off by default)")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        default=["tiny", "mid", "gpt2"],
+        choices=list(SIZES),
+        help="model sizes (default: all three)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed rounds (times 5 for tiny, 2 for mid); the median is shown"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(DEFAULT_VARIANTS),
+        choices=list(VARIANTS),
+        help="variants to run (dense always runs; dense1 is off by default)",
+    )
     parser.add_argument("--p", type=int, default=2, help="tensor-parallel degree: processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default=None, help="gloo or nccl (default: nccl if there are p GPUs)")
@@ -144,8 +182,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark with arguments parsed by a parser that `add_arguments` filled; print the table."""
-    result = run_bench(args.sizes, args.repeats, seed=args.seed, p=args.p, variants=args.variants,
-                       backend=args.backend, omp_wait_policy=args.omp_wait_policy or None)
+    result = run_bench(
+        args.sizes,
+        args.repeats,
+        seed=args.seed,
+        p=args.p,
+        variants=args.variants,
+        backend=args.backend,
+        omp_wait_policy=args.omp_wait_policy or None,
+    )
     print(result.table)
     return 0
 

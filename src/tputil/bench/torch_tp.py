@@ -45,6 +45,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from ..comm import REDUCE_OPS
 from ..model import causal_attention
+from ..shard import divide
 
 
 class SplitQKVAttention(nn.Module):
@@ -62,9 +63,9 @@ class SplitQKVAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(C, C, bias=bias) for _ in range(3))
         with torch.no_grad():
             for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):  # rows [i C, (i+1) C) of c_attn
-                proj.weight.copy_(dense.c_attn.weight[i * C:(i + 1) * C])
+                proj.weight.copy_(dense.c_attn.weight[i * C : (i + 1) * C])
                 if bias:
-                    proj.bias.copy_(dense.c_attn.bias[i * C:(i + 1) * C])
+                    proj.bias.copy_(dense.c_attn.bias[i * C : (i + 1) * C])
         self.c_proj = copy.deepcopy(dense.c_proj)
         self.resid_dropout = copy.deepcopy(dense.resid_dropout)
         self.dropout = dense.dropout
@@ -114,8 +115,7 @@ def split_qkv(dense) -> nn.Module:
 
 def torch_tp_model(dense, mesh, *, vocab_parallel: bool) -> nn.Module:
     """This rank's model under PyTorch's tensor parallelism, from a dense GPT (left untouched)."""
-    if dense.config.n_head % mesh.size() != 0:
-        raise ValueError(f"n_head={dense.config.n_head} is not divisible by p={mesh.size()}")
+    divide(dense.config.n_head, mesh.size(), "n_head")  # the heads split over the ranks: the package's check
     model = parallelize_module(split_qkv(dense), mesh, torch_tp_plan(vocab_parallel=vocab_parallel))
     if vocab_parallel:
         model.lm_head.weight = model.transformer.wte.weight  # tie again: one DTensor (V/p, C) per rank
@@ -167,12 +167,13 @@ class ShmProcessGroup(dist.ProcessGroup):
     def getBackendName(self):
         return _SHM_BACKEND
 
-    def allreduce(self, tensor_list, opts=AllreduceOptions()):
+    def allreduce(self, tensor_list, opts=None):
+        opts = AllreduceOptions() if opts is None else opts
         op = next((name for name in REDUCE_OPS if opts.reduceOp == getattr(dist.ReduceOp, name.upper())), None)
         if op is None:  # e.g. a product: gloo's
             return self._gloo.allreduce(tensor_list, opts)
         for t in tensor_list:  # in place, as torch.distributed's all-reduce is
-            t.copy_(self._shm._all_reduce(t, op))
+            t.copy_(self._shm.all_reduce(t, op=op))
         done = torch.futures.Future()
         done.set_result(tensor_list)
         return _create_work_from_future(done)
@@ -181,13 +182,27 @@ class ShmProcessGroup(dist.ProcessGroup):
 def _to_gloo(name):
     def method(self, *args):
         return getattr(self._gloo, name)(*args)
+
     method.__name__ = name
     return method
 
 
-for _name in ("broadcast", "allgather", "_allgather_base", "allgather_into_tensor_coalesced", "reduce_scatter",
-              "_reduce_scatter_base", "reduce_scatter_tensor_coalesced", "scatter", "gather", "barrier",
-              "alltoall_base", "allreduce_coalesced", "send", "recv"):
+for _name in (
+    "broadcast",
+    "allgather",
+    "_allgather_base",
+    "allgather_into_tensor_coalesced",
+    "reduce_scatter",
+    "_reduce_scatter_base",
+    "reduce_scatter_tensor_coalesced",
+    "scatter",
+    "gather",
+    "barrier",
+    "alltoall_base",
+    "allreduce_coalesced",
+    "send",
+    "recv",
+):
     setattr(ShmProcessGroup, _name, _to_gloo(_name))
 
 _SHM_BACKEND = "tputil_shm"
@@ -197,8 +212,11 @@ _making = []  # (gloo group, ShmGroup) for the ShmProcessGroup that shm_mesh is 
 def shm_mesh(shm_group) -> DeviceMesh:
     """A 1-D CPU DeviceMesh over shm_group's ranks whose all-reduces go through shm_group (every rank calls it)."""
     if not hasattr(dist.Backend, _SHM_BACKEND.upper()):
-        dist.Backend.register_backend(_SHM_BACKEND, lambda store, rank, world_size, timeout: ShmProcessGroup(
-            rank, world_size, *_making[-1]), devices=["cpu"])
+        dist.Backend.register_backend(
+            _SHM_BACKEND,
+            lambda store, rank, world_size, timeout: ShmProcessGroup(rank, world_size, *_making[-1]),
+            devices=["cpu"],
+        )
     ranks = dist.get_process_group_ranks(shm_group.process_group or dist.group.WORLD)
     _making.append((dist.new_group(ranks, backend="gloo"), shm_group))
     try:

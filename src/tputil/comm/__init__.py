@@ -13,20 +13,43 @@ A `Group` is passed explicitly to every layer: there is no global state. Four ki
 
 All collectives are out of place (the input is never modified) and not differentiable by
 themselves (like torch.distributed's); gradients flow through the autograd pairs of `mappings`.
-Every collective that communicates is counted in `group.stats`; see `CommStats`.
+Every collective that communicates is counted in `group.stats`, and timed when asked; see `CommStats`.
+With async_op=True a collective returns a `Handle` whose wait() gives the result, as
+torch.distributed's Work does (really asynchronous only for `DistGroup`'s all-reduce).
 
 One file per concept: group.py (the interface, counting), threads.py, dist.py, shm.py, mappings.py.
 Import everything from here: `from tputil.comm import run_threads, copy_to_parallel_region`.
 """
 
 from .dist import DistGroup
-from .group import KINDS, REDUCE_OPS, CallRecord, CommStats, Group, SingleGroup
+from .group import KINDS, REDUCE_OPS, CallRecord, CommStats, Group, Handle, SingleGroup, synchronize
+from .mappings import (
+    copy_to_parallel_region,
+    gather_from_parallel_region,
+    reduce_from_parallel_region,
+    scatter_to_parallel_region,
+)
 from .shm import ShmGroup
-from .mappings import (copy_to_parallel_region, gather_from_parallel_region, reduce_from_parallel_region,
-                       scatter_to_parallel_region)
 from .threads import CollectiveAborted, CollectiveError, RankError, ThreadGroup, run_threads
 
-__all__ = ["Group", "SingleGroup", "ThreadGroup", "DistGroup", "ShmGroup", "run_threads", "CommStats", "CallRecord",
-           "CollectiveError", "CollectiveAborted", "RankError", "KINDS", "REDUCE_OPS",
-           "copy_to_parallel_region", "reduce_from_parallel_region", "gather_from_parallel_region",
-           "scatter_to_parallel_region"]
+__all__ = [
+    "Group",
+    "SingleGroup",
+    "ThreadGroup",
+    "DistGroup",
+    "ShmGroup",
+    "run_threads",
+    "CommStats",
+    "CallRecord",
+    "Handle",
+    "synchronize",
+    "CollectiveError",
+    "CollectiveAborted",
+    "RankError",
+    "KINDS",
+    "REDUCE_OPS",
+    "copy_to_parallel_region",
+    "reduce_from_parallel_region",
+    "gather_from_parallel_region",
+    "scatter_to_parallel_region",
+]

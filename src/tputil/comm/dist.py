@@ -3,17 +3,17 @@
 import torch
 import torch.distributed as dist
 
-from .group import Group
+from .group import Group, Handle
 
 
 class DistGroup(Group):
     """torch.distributed behind the Group interface (init_process_group must have been called).
 
     process_group=None is the default (world) group. On the NCCL backend `device` is this
-    process's current CUDA device; tensors passed in must live there.
+    process's current CUDA device; tensors passed in must live there. `all_reduce(...,
+    async_op=True)` really starts the all-reduce asynchronously (torch.distributed's async_op);
+    the other collectives run synchronously and return a completed `Handle`.
     """
-
-    async_all_reduce = True  # `overlap` may start dist.all_reduce(async_op=True) on process_group itself
 
     def __init__(self, process_group=None):
         backend = dist.get_backend(process_group)
@@ -28,6 +28,11 @@ class DistGroup(Group):
         dist.all_reduce(out, op=getattr(dist.ReduceOp, op.upper()), group=self.process_group)
         return out
 
+    def _start_all_reduce(self, t, op):
+        out = t.clone()  # written by the all-reduce in flight: read it through Handle.wait()
+        work = dist.all_reduce(out, op=getattr(dist.ReduceOp, op.upper()), group=self.process_group, async_op=True)
+        return Handle(out, work)
+
     def _all_gather(self, t, dim):
         t = t.contiguous()
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
@@ -41,7 +46,7 @@ class DistGroup(Group):
             try:
                 dist.reduce_scatter(out, chunks, group=self.process_group)
                 return out
-            except RuntimeError as exc:  # older gloo has no reduce_scatter: fall back, on every rank alike
+            except RuntimeError:  # older gloo has no reduce_scatter: fall back, on every rank alike
                 if self.backend != "gloo":
                     raise
                 self._native_reduce_scatter = False

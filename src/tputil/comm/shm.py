@@ -17,7 +17,7 @@ does the same for the all-reduces of this book, with plain tensor operations:
 - two slots suffice: a rank can start call n + 1 only after every rank has published call n, which
   each does only after it has finished reading call n - 1, the other slot. One slot does not: a
   fast rank would overwrite its buffer with call n + 1 while a slow one still reads call n
-  (`launch_demos.shm_slots` shows the wrong sum, with the class attribute `slots` set to 1).
+  (`ch08_real_processes.shm_slots` shows the wrong sum, with `slots=1` and a slow reader).
 
 Everything else (all-gather, reduce-scatter, broadcast; tensors larger than `capacity_bytes`) goes
 to `torch.distributed` as in `DistGroup`, whose subclass this is: the layers cannot tell the
@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from .dist import DistGroup
-from .group import REDUCE_OPS, reduce_in_rank_order
+from .group import REDUCE_OPS, Handle, reduce_in_rank_order
 from .threads import CollectiveError
 
 _OPS = {op: code for code, op in enumerate(REDUCE_OPS, start=1)}  # 0: nothing written yet
@@ -54,34 +54,54 @@ _ALIGN = 64
 
 
 class ShmGroup(DistGroup):
-    """A DistGroup whose all-reduces of CPU tensors go through a shared-memory segment (see the module)."""
+    """A DistGroup whose all-reduces of CPU tensors go through a shared-memory segment (see the module).
 
-    slots = 2  # alternating slots of buffers and headers; 2 are needed (see the module)
-    # whether other cores see this core's stores in program order (x86-64); None: ask the processor
-    ordered_stores: bool | None = None
-    async_all_reduce = False  # its all-reduce is synchronous, and too quick to be worth hiding (`overlap`)
+    capacity_bytes: the largest tensor (per rank) that goes through shared memory; larger ones go
+    through the process group. timeout: seconds a rank waits for the others in one all-reduce.
+    slots: alternating slots of buffers and headers; 2 are needed (see the module), 1 is allowed
+    only to show why. ordered_stores: whether other cores see this core's stores in program order
+    (x86-64); None asks the processor; False adds a barrier per all-reduce. read_delay: seconds
+    this rank sleeps between seeing every rank's sequence number and reading the buffers (0: none),
+    a knob for demonstrating why one slot is too few (`ch08_real_processes.shm_slots`), not for use.
+    """
 
-    def __init__(self, process_group=None, *, capacity_bytes: int = 8 << 20, timeout: float = 30.0):
+    def __init__(
+        self,
+        process_group=None,
+        *,
+        capacity_bytes: int = 8 << 20,
+        timeout: float = 30.0,
+        slots: int = 2,
+        ordered_stores: bool | None = None,
+        read_delay: float = 0.0,
+    ):
         super().__init__(process_group)
-        if self.ordered_stores is None:
-            self.ordered_stores = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+        if ordered_stores is None:
+            ordered_stores = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+        self.slots, self.ordered_stores, self.read_delay = slots, ordered_stores, read_delay
         if self.device.type != "cpu":
-            raise ValueError(f"ShmGroup: the {self.backend} backend works on {self.device}; ShmGroup is for "
-                             "CPU tensors (on GPUs, NCCL already uses the fastest path): use DistGroup")
+            raise ValueError(
+                f"ShmGroup: the {self.backend} backend works on {self.device}; ShmGroup is for "
+                "CPU tensors (on GPUs, NCCL already uses the fastest path): use DistGroup"
+            )
         if capacity_bytes <= 0 or capacity_bytes % _ALIGN:
             raise ValueError(f"capacity_bytes={capacity_bytes}: it must be a positive multiple of {_ALIGN}")
+        if slots < 1 or read_delay < 0:
+            raise ValueError(f"slots={slots} must be >= 1 (2 are needed) and read_delay={read_delay} >= 0")
         hosts = [None] * self.world_size
         dist.all_gather_object(hosts, socket.gethostname(), group=process_group)
         if len(set(hosts)) > 1:
-            raise ValueError(f"ShmGroup: the ranks run on different machines {sorted(set(hosts))}; shared "
-                             "memory joins processes of one machine only: use DistGroup")
+            raise ValueError(
+                f"ShmGroup: the ranks run on different machines {sorted(set(hosts))}; shared "
+                "memory joins processes of one machine only: use DistGroup"
+            )
         self.capacity_bytes, self.timeout, self._seq = capacity_bytes, timeout, 0
         p = self.world_size
-        header_bytes = self.slots * p * _HEADER * 8
-        self._mapped = self._map_segment(header_bytes + self.slots * p * capacity_bytes)
-        self._headers = self._mapped[:header_bytes].view(torch.int64).view(self.slots, p, _HEADER)
+        header_bytes = slots * p * _HEADER * 8
+        self._mapped = self._map_segment(header_bytes + slots * p * capacity_bytes)
+        self._headers = self._mapped[:header_bytes].view(torch.int64).view(slots, p, _HEADER)
         self._seqs = self._headers.numpy()[:, :, 0]  # (slots, p) the same memory; numpy reads it in a microsecond
-        self._buffers = self._mapped[header_bytes:].view(self.slots, p, capacity_bytes)
+        self._buffers = self._mapped[header_bytes:].view(slots, p, capacity_bytes)
 
     def _map_segment(self, nbytes):
         """Rank 0 creates the file, every rank maps it, rank 0 unlinks it once all have: nothing is left behind.
@@ -101,9 +121,12 @@ class ShmGroup(DistGroup):
                 made[0] = ("ok", path)
             except OSError as exc:
                 os.unlink(path)
-                made[0] = ("error", f"ShmGroup: {folder} has no room for {nbytes / 2**20:.1f} MiB ({exc.strerror}): "
-                                    f"pass a smaller capacity_bytes (now {self.capacity_bytes}), or give {folder} "
-                                    "more space (in a container: docker run --shm-size)")
+                made[0] = (
+                    "error",
+                    f"ShmGroup: {folder} has no room for {nbytes / 2**20:.1f} MiB ({exc.strerror}): "
+                    f"pass a smaller capacity_bytes (now {self.capacity_bytes}), or give {folder} "
+                    "more space (in a container: docker run --shm-size)",
+                )
             finally:
                 os.close(fd)
         dist.broadcast_object_list(made, src=self._global(0), group=self.process_group)
@@ -140,8 +163,14 @@ class ShmGroup(DistGroup):
             raise CollectiveError(self._mismatch(header, seq))
         return reduce_in_rank_order(buffers, op).view(t.shape)  # a tensor of this rank's own
 
+    def _start_all_reduce(self, t, op):
+        return Handle(self._all_reduce(t, op))  # synchronous (see the module), whatever DistGroup does
+
     def _wait_for(self, slot, seq):
-        """Spin until every rank's sequence number in this slot is seq; yield the core when it takes long."""
+        """Spin until every rank's sequence number in this slot is seq; yield the core when it takes long.
+
+        Then sleep `read_delay` seconds, if set: a slow reader on purpose (see the class docstring).
+        """
         seqs, spins, deadline = self._seqs[slot], 0, None
         while seqs.min() < seq:
             spins += 1
@@ -155,12 +184,18 @@ class ShmGroup(DistGroup):
                 time.sleep(1e-4)
             if time.monotonic() > deadline:
                 missing = [r for r in range(self.world_size) if int(seqs[r]) < seq]
-                raise CollectiveError(f"ShmGroup all_reduce #{seq} on rank {self.rank} timed out after "
-                                      f"{self.timeout}s: ranks {missing} did not arrive (a rank died, is stuck, "
-                                      "or skipped this collective)")
+                raise CollectiveError(
+                    f"ShmGroup all_reduce #{seq} on rank {self.rank} timed out after "
+                    f"{self.timeout}s: ranks {missing} did not arrive (a rank died, is stuck, "
+                    "or skipped this collective)"
+                )
+        if self.read_delay:
+            time.sleep(self.read_delay)
 
     def _mismatch(self, header, seq):
         ops = {v: k for k, v in _OPS.items()}
         calls = [f"rank {r}: {int(h[1])} x {_DTYPES[int(h[3])]} ({ops[int(h[2])]})" for r, h in enumerate(header)]
-        return (f"ShmGroup all_reduce #{seq}: the ranks passed different tensors or ops ({'; '.join(calls)}); "
-                "every rank must call the same collectives, in the same order, with the same shapes")
+        return (
+            f"ShmGroup all_reduce #{seq}: the ranks passed different tensors or ops ({'; '.join(calls)}); "
+            "every rank must call the same collectives, in the same order, with the same shapes"
+        )

@@ -98,8 +98,10 @@ class _ThreadWorld:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     missing = [r for r in range(self.world_size) if r not in slot.calls]
-                    slot.error = (f"timed out after {self.timeout}s in collective #{n} ({call.kind}): "
-                                  f"ranks {sorted(slot.calls)} are waiting, ranks {missing} never arrived")
+                    slot.error = (
+                        f"timed out after {self.timeout}s in collective #{n} ({call.kind}): "
+                        f"ranks {sorted(slot.calls)} are waiting, ranks {missing} never arrived"
+                    )
                     self.cond.notify_all()
                     break
                 self.cond.wait(remaining)
@@ -119,13 +121,17 @@ class _ThreadWorld:
         calls = slot.calls
         if len({c.signature() for c in calls.values()}) > 1:
             said = "; ".join(f"rank {r} called {calls[r]}" for r in sorted(calls))
-            slot.error = (f"collective #{n} does not match across ranks: {said}. Every rank must call the "
-                          f"same collectives, with the same shapes and dtypes, in the same order")
+            slot.error = (
+                f"collective #{n} does not match across ranks: {said}. Every rank must call the "
+                f"same collectives, with the same shapes and dtypes, in the same order"
+            )
         for r in sorted(self.returned):
             if slot.error is None and self.ncalls[r] < n:
                 kind = next(iter(calls.values())).kind
-                slot.error = (f"rank {r} returned without calling collective #{n} ({kind}), which ranks "
-                              f"{sorted(calls)} are waiting in (rank {r} made {self.ncalls[r]} collective calls)")
+                slot.error = (
+                    f"rank {r} returned without calling collective #{n} ({kind}), which ranks "
+                    f"{sorted(calls)} are waiting in (rank {r} made {self.ncalls[r]} collective calls)"
+                )
         if slot.error is not None:
             self.cond.notify_all()
 

@@ -8,10 +8,11 @@ Chapter 2: `collectives_demo` (the four collectives and all-reduce = reduce-scat
 `time_all_reduce` (a small benchmark) and `collectives_tour` (both, in one spawn).
 """
 
-import statistics
-import time
+from functools import partial
 
 import torch
+
+from ..bench.timing import slowest_rank_seconds
 
 
 def collectives_demo(group, xs, *, src=0, dim=-1):
@@ -22,16 +23,20 @@ def collectives_demo(group, xs, *, src=0, dim=-1):
     input_untouched (the collectives are out of place).
     """
     if len(xs) != group.world_size:
-        raise ValueError(f"collectives_demo needs one tensor per rank: got {len(xs)} for "
-                         f"world_size={group.world_size}")
+        raise ValueError(f"collectives_demo needs one tensor per rank: got {len(xs)} for world_size={group.world_size}")
     x = xs[group.rank]
     before = x.clone()
     with group.stats.measure() as m:
-        out = dict(all_reduce=group.all_reduce(x), all_gather=group.all_gather(x, dim=dim),
-                   reduce_scatter=group.reduce_scatter(x, dim=dim), broadcast=group.broadcast(x, src=src))
+        out = dict(
+            all_reduce=group.all_reduce(x),
+            all_gather=group.all_gather(x, dim=dim),
+            reduce_scatter=group.reduce_scatter(x, dim=dim),
+            broadcast=group.broadcast(x, src=src),
+        )
         out["rs_then_ag"] = group.all_gather(out["reduce_scatter"], dim=dim)
-    return dict(rank=group.rank, world_size=group.world_size, **out, calls=dict(m.calls),
-                input_untouched=torch.equal(x, before))
+    return dict(
+        rank=group.rank, world_size=group.world_size, **out, calls=dict(m.calls), input_untouched=torch.equal(x, before)
+    )
 
 
 def time_all_reduce(group, sizes, *, reps=5, warmup=2):
@@ -39,26 +44,21 @@ def time_all_reduce(group, sizes, *, reps=5, warmup=2):
 
     For each size: `warmup` untimed calls, then `reps` timed ones; a call's time is the slowest
     rank's (an all-reduce is done when the last rank has its result), and the median over the reps
-    is reported. Returns {"nbytes": [...], "seconds": [...], "world_size": p}, the same on every
-    rank. The group's out-of-place copy of the input is part of what is timed.
+    is reported (`bench.timing.slowest_rank_seconds`). Returns {"nbytes": [...], "seconds": [...],
+    "world_size": p}, the same on every rank. The group's out-of-place copy of the input is part
+    of what is timed.
     """
     if reps < 1 or warmup < 0:
         raise ValueError(f"reps={reps} must be >= 1 and warmup={warmup} >= 0")
-    seconds = []
     for nbytes in sizes:
         if nbytes % 4 != 0 or nbytes <= 0:
             raise ValueError(f"size {nbytes} bytes: use a positive multiple of 4 (float32 numbers)")
-        x = torch.ones(nbytes // 4)
-        for _ in range(warmup):
-            group.all_reduce(x)
-        times = []
-        for _ in range(reps):
-            group.all_reduce(torch.zeros(1))  # a barrier of sorts: start together
-            start = time.perf_counter()
-            group.all_reduce(x)
-            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-            times.append(group.all_reduce(elapsed, op="max").item())  # the slowest rank's time
-        seconds.append(statistics.median(times))
+    seconds = [
+        slowest_rank_seconds(
+            partial(group.all_reduce, torch.ones(nbytes // 4, device=group.device)), group, reps=reps, warmup=warmup
+        )
+        for nbytes in sizes
+    ]
     return dict(nbytes=list(sizes), seconds=seconds, world_size=group.world_size)
 
 

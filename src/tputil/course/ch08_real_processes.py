@@ -7,9 +7,10 @@ unchanged (that is the chapter's point: same code, same numbers), and so do the 
 
 - `tp_forward(group, dense, idx, targets)`: this rank's `TPGPT` built from the dense model, one
   forward pass, with its logits, loss and collectives counted.
-- `timed_all_reduces(group)`: a context manager that records when each all-reduce of this rank
-  starts and ends.
-- `time_forward(model, idx, group=...)`: median seconds per forward pass, the slowest rank's.
+- `timed_all_reduces(group)`: a context manager that yields the (start, end) of each all-reduce
+  this rank makes inside it, read from the group's timed `CommStats` records.
+- `time_forward(model, idx, group=...)`: median seconds per forward pass, the slowest rank's
+  (`bench.timing.slowest_rank_seconds`).
 - `profile_forward(model, idx)`: torch.profiler's table of one forward pass, with its op names.
 - `tp_tour(group, dense, idx, targets, timing_runs, reps)`: all of chapter 8's work on real
   ranks in one call (starting processes costs seconds): the forward, what the launcher told this
@@ -27,7 +28,6 @@ each rank instead of sending it.
 
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -38,10 +38,11 @@ from functools import partial
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ..bench.timing import line_up, slowest_rank_seconds
 from ..model import GPT
 from ..tp_model import TPGPT
 
-_rng_lock = threading.Lock()
+_rng_lock = threading.Lock()  # the ranks of run_threads share the process's random generator
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -55,66 +56,41 @@ def tp_forward(group, dense, idx, targets=None):
     model = TPGPT.from_dense(dense, group=group).eval()
     with torch.no_grad(), group.stats.measure() as m:
         logits, loss = model(idx, targets)
-    return dict(rank=group.rank, world_size=group.world_size, logits=logits, loss=loss,
-                calls=dict(m.calls), bytes=dict(m.bytes), shapes=[r.shape for r in m.log])
+    return dict(
+        rank=group.rank,
+        world_size=group.world_size,
+        logits=logits,
+        loss=loss,
+        calls=dict(m.calls),
+        bytes=dict(m.bytes),
+        shapes=[r.shape for r in m.log],
+    )
 
 
 @contextmanager
 def timed_all_reduces(group):
     """Time every all-reduce `group` makes inside the block; yields a list of (start, end), one per call.
 
-    start and end are `time.perf_counter()` readings. The wrapper sits on the group's
-    `_all_reduce` (the backend's part, below the counting), so what is timed is this rank's wait
-    inside the collective: the transfer, plus any time spent waiting for a slower rank to arrive.
-    At world_size 1 (and for a `SingleGroup`) nothing is called, and the list stays empty.
+    start and end are `time.perf_counter()` readings, from the group's own records
+    (`group.stats.measure(timed=True)`), put in the list when the block ends: this rank's wait
+    inside each all-reduce, the transfer plus any time spent waiting for a slower rank to arrive.
+    At world_size 1 (and for a `SingleGroup`) nothing is communicated, and the list stays empty.
     """
-    inner, spans = getattr(group, "_all_reduce", None), []
-    if inner is None:  # a SingleGroup: it never communicates
+    spans = []
+    with group.stats.measure(timed=True) as m:
         yield spans
-        return
-
-    def timed(t, op):
-        start = time.perf_counter()
-        out = inner(t, op)
-        spans.append((start, time.perf_counter()))
-        return out
-
-    group._all_reduce = timed
-    try:
-        yield spans
-    finally:
-        del group._all_reduce  # the class's method again
+    spans.extend((r.start, r.start + r.seconds) for r in m.log if r.kind == "all_reduce")
 
 
 def time_forward(model, idx, *, group=None, reps=20, warmup=3):
     """Median seconds per forward pass of `model` on `idx` (no gradients), the slowest rank's.
 
-    With a group of several ranks every rank must call it (each forward communicates): a
-    broadcast lines the ranks up before each timed pass, and an all-reduce (max) of the elapsed
-    times gives each pass the time of its slowest rank, the time the pass really took. Those
-    extra collectives are outside the timed region. Returns the same number on every rank.
+    With a group of several ranks every rank must call it (each forward communicates); see
+    `bench.timing.slowest_rank_seconds`, which lines the ranks up before each timed pass and
+    takes each pass's slowest rank. Returns the same number on every rank.
     """
-    if reps < 1 or warmup < 0:
-        raise ValueError(f"reps={reps} must be >= 1 and warmup={warmup} >= 0")
     with torch.no_grad():
-        return _median_seconds(lambda: model(idx), group, reps, warmup)
-
-
-def _median_seconds(run, group, reps, warmup):
-    """Median seconds of run() over reps calls after warmup ones, the slowest rank's (see time_forward)."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(reps):
-        if group is not None:
-            group.broadcast(torch.zeros(1), src=0)  # start together
-        start = time.perf_counter()
-        run()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        if group is not None:
-            elapsed = group.all_reduce(elapsed, op="max")  # the slowest rank's time
-        times.append(elapsed.item())
-    return statistics.median(times)
+        return slowest_rank_seconds(lambda: model(idx), group, reps=reps, warmup=warmup)
 
 
 def profile_forward(model, idx, *, row_limit=12):
@@ -134,15 +110,12 @@ def profile_forward(model, idx, *, row_limit=12):
 def seeded_gpt_and_batch(config, B, T, *, seed=0):
     """A dense GPT (GPT-2's init) and a (B, T) batch of random tokens, the same on every rank for a seed.
 
-    The global random state is left as it was (also when the ranks are threads of one process).
+    The global random state is left as it was (torch.random.fork_rng; one rank at a time when the
+    ranks are threads of one process, which share the generator).
     """
-    with _rng_lock:
-        state = torch.get_rng_state()
-        try:
-            torch.manual_seed(seed)
-            dense = GPT(config).eval()
-        finally:
-            torch.set_rng_state(state)
+    with _rng_lock, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dense = GPT(config).eval()
     idx = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
     return dense, idx
 
@@ -155,23 +128,29 @@ def tp_tour(group, dense, idx, targets, timing_runs=(), reps=20):
     threads), and "timing": for each (config, B, T) in `timing_runs`, the median seconds of the TP
     forward of `seeded_gpt_and_batch(config, B, T)` (`time_forward`), and one more pass timed on
     its own: "one_pass" seconds, and "all_reduces", the (start, end) of each all-reduce in seconds
-    from the start of that pass; "profile": rank 0's `profile_forward` of the TP model
-    of `dense` (None on the other ranks, which run the pass too).
+    from the start of that pass (`timed_all_reduces`; none at world_size 1); "profile": rank 0's
+    `profile_forward` of the TP model of `dense` (None on the other ranks, which run the pass too).
     """
-    out = dict(forward=tp_forward(group, dense, idx, targets), pid=os.getpid(),
-               backend=getattr(group, "backend", None), threads=torch.get_num_threads(),
-               env={k: os.environ.get(k) for k in TORCHRUN_VARIABLES}, timing=[])
+    out = dict(
+        forward=tp_forward(group, dense, idx, targets),
+        pid=os.getpid(),
+        backend=getattr(group, "backend", None),
+        threads=torch.get_num_threads(),
+        env={k: os.environ.get(k) for k in TORCHRUN_VARIABLES},
+        timing=[],
+    )
     for config, B, T in timing_runs:
         timing_dense, timing_idx = seeded_gpt_and_batch(config, B, T)
         model = TPGPT.from_dense(timing_dense, group=group).eval()
         seconds = time_forward(model, timing_idx, group=group, reps=reps)
+        line_up(group)
         with torch.no_grad(), timed_all_reduces(group) as spans:
-            group.broadcast(torch.zeros(1), src=0)  # start together
             start = time.perf_counter()
             model(timing_idx)
             total = time.perf_counter() - start
-        out["timing"].append(dict(forward=seconds, one_pass=total,
-                                  all_reduces=[(a - start, b - start) for a, b in spans]))
+        out["timing"].append(
+            dict(forward=seconds, one_pass=total, all_reduces=[(a - start, b - start) for a, b in spans])
+        )
     model = TPGPT.from_dense(dense, group=group).eval()
     if group.rank == 0:
         out["profile"] = profile_forward(model, idx)
@@ -191,14 +170,28 @@ def transport_tour(group, dense, idx, targets, sizes=(), timing_runs=(), reps=20
     either; "mismatch": the error of an all-reduce to which the ranks bring different sizes.
     """
     from ..comm import CollectiveError, DistGroup
+
     both = (("gloo", DistGroup(group.process_group)), ("shm", group))
-    out = dict(forward=tp_forward(group, dense, idx, targets), kind=type(group).__name__,
-               all_reduce=[{name: _median_seconds(partial(g.all_reduce, torch.randn(n)), g, reps, 2)
-                            for name, g in both} for n in sizes], timing=[])
+    out = dict(
+        forward=tp_forward(group, dense, idx, targets),
+        kind=type(group).__name__,
+        all_reduce=[
+            {
+                name: slowest_rank_seconds(partial(g.all_reduce, torch.randn(n)), g, reps=reps, warmup=2)
+                for name, g in both
+            }
+            for n in sizes
+        ],
+        timing=[],
+    )
     for config, B, T in timing_runs:
         timing_dense, timing_idx = seeded_gpt_and_batch(config, B, T)
-        out["timing"].append({name: time_forward(TPGPT.from_dense(timing_dense, group=g).eval(), timing_idx, group=g,
-                                                 reps=reps) for name, g in both})
+        out["timing"].append(
+            {
+                name: time_forward(TPGPT.from_dense(timing_dense, group=g).eval(), timing_idx, group=g, reps=reps)
+                for name, g in both
+            }
+        )
     try:
         group.all_reduce(torch.ones(3 + group.rank))  # rank 0 brings 3 numbers, rank 1 brings 4
         out["mismatch"] = None
@@ -276,22 +269,22 @@ def shm_slots(group, slots=(1, 2), delay=0.2, ordered_stores=None):
     """Two all-reduces through a ShmGroup with each number of `slots`, rank 1 slow to read; returns the sums.
 
     Rank r brings r + 1, then 10 * (r + 1): the right sums are 3 and 30 (at p = 2). Rank 1 waits
-    `delay` seconds between seeing that everyone has written and reading the buffers. With two
-    slots that is harmless; with one, rank 0 meanwhile writes its second tensor over its first,
-    and rank 1's first sum comes out wrong, with no error. ordered_stores: ShmGroup's setting
-    (None: the processor's), so that the barrier it uses on other processors can be tried here.
+    `delay` seconds between seeing that everyone has written and reading the buffers (ShmGroup's
+    read_delay). With two slots that is harmless; with one, rank 0 meanwhile writes its second
+    tensor over its first, and rank 1's first sum comes out wrong, with no error. ordered_stores:
+    ShmGroup's setting (None: the processor's), so that the barrier it uses on other processors
+    can be tried here. Returns {n: [first sum, second sum]} as lists.
     """
     from ..comm import ShmGroup
 
-    class SlowReader(ShmGroup):
-        def _wait_for(self, slot, seq):
-            super()._wait_for(slot, seq)
-            if self.rank == 1:
-                time.sleep(delay)
-
     out = {}
     for n in slots:
-        shm = type(f"SlowReader{n}", (SlowReader,), {"slots": n, "ordered_stores": ordered_stores})(
-            group.process_group, timeout=20.0)
+        shm = ShmGroup(
+            group.process_group,
+            timeout=20.0,
+            slots=n,
+            ordered_stores=ordered_stores,
+            read_delay=delay if group.rank == 1 else 0.0,
+        )
         out[n] = [shm.all_reduce(torch.full((4,), float(group.rank + 1) * scale)).tolist() for scale in (1, 10)]
     return out

@@ -1,0 +1,56 @@
+"""Timing whole runs on every rank: the one way the chapters and the benchmark time a piece of work.
+
+`slowest_rank_seconds(run, group, reps=..., warmup=...)`: the median over reps of the slowest
+rank's seconds for run(), the same number on every rank (chapter 2's all-reduce timings, chapter
+8's forward passes). Its two steps are public for a caller that times in its own rounds (the
+benchmark, `bench.ranks`): `line_up(group)` and `seconds(run, device)`.
+
+The time of single collectives, call by call, is recorded by the group itself
+(`group.stats.measure(timed=True)`, see `comm.CommStats`).
+"""
+
+import statistics
+import time
+
+import torch
+
+from ..comm import synchronize
+
+
+def line_up(group):
+    """Return once every rank of group has arrived: an all-reduce of one number (nothing at world_size 1)."""
+    if group is not None and group.world_size > 1:
+        group.all_reduce(torch.zeros(1, device=group.device))
+
+
+def seconds(run, device="cpu"):
+    """(seconds, result) of one call of run(); on CUDA the device is synchronized before each clock reading."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = run()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def slowest_rank_seconds(run, group=None, *, reps: int = 20, warmup: int = 3) -> float:
+    """Median over reps of the slowest rank's seconds for run(), after warmup untimed calls.
+
+    With a group of several ranks every rank must call it, with a run that makes the same
+    collectives on every rank. Before each timed call the ranks line up (`line_up`); after it an
+    all-reduce (max) of the elapsed seconds gives the call's time on its slowest rank, the time
+    the call really took. Those collectives are outside the timed region (counted in
+    group.stats all the same). group None: this process alone. Returns the same float on every rank.
+    """
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"reps={reps} must be >= 1 and warmup={warmup} >= 0")
+    device = "cpu" if group is None else group.device
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(reps):
+        line_up(group)
+        elapsed = torch.tensor([seconds(run, device)[0]], dtype=torch.float64, device=device)
+        if group is not None:
+            elapsed = group.all_reduce(elapsed, op="max")  # the slowest rank's time
+        times.append(elapsed.item())
+    return statistics.median(times)
