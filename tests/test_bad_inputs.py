@@ -12,8 +12,7 @@ import torch
 from tp_helpers import make_gpt
 from tputil.comm import SingleGroup, run_threads
 from tputil.model import generate
-from tputil.tp_model import TPGPT
-from tputil.tp_model import VocabParallelTPGPT
+from tputil.tp_model import TPGPT, VocabParallelTPGPT
 
 EMPTY = r"the prompt needs at least one token to continue, got shape \(2, 0\)"
 
@@ -23,6 +22,7 @@ def ids_message(vocab, low, high):
 
 
 # ---------------------------------------------------------------------------- empty prompts
+
 
 @pytest.mark.parametrize("greedy", [True, False])
 def test_dense_generate_refuses_an_empty_prompt(greedy):
@@ -56,6 +56,7 @@ def test_tp_generate_refuses_an_empty_prompt_before_communicating(cls, greedy, p
 
 # ---------------------------------------------------------------------------- token ids outside [0, V)
 
+
 @pytest.mark.parametrize("ids, low, high", [([[0, 67]], 0, 67), ([[5, 200]], 5, 200), ([[-1, 3]], -1, 3)])
 def test_dense_forward_refuses_ids_outside_the_vocabulary(ids, low, high):
     model = make_gpt(n_layer=1, vocab_size=67)
@@ -87,8 +88,11 @@ def test_the_same_message_from_all_three_models():
     dense = make_gpt(n_layer=1, vocab_size=67)
     bad = torch.tensor([[3, 70]])
     messages = []
-    for model in (dense, TPGPT.from_dense(dense, group=SingleGroup()),
-                  VocabParallelTPGPT.from_dense(dense, group=SingleGroup())):
+    for model in (
+        dense,
+        TPGPT.from_dense(dense, group=SingleGroup()),
+        VocabParallelTPGPT.from_dense(dense, group=SingleGroup()),
+    ):
         with pytest.raises(IndexError) as info:
             model(bad)
         messages.append(str(info.value))

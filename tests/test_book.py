@@ -10,6 +10,7 @@ that did not load, math left as raw TeX, a widget that did not render. Console m
 shown as context: the theme logs harmless ones (`Got invalid theme mode`, a favicon 404).
 A full-page screenshot of each page is saved under `_build/screenshots/`.
 """
+
 import functools
 import http.server
 import os
@@ -31,9 +32,15 @@ pytestmark = pytest.mark.slow  # builds the book and drives a browser: not in `m
 ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 SHOTS = ROOT / "_build" / "screenshots"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SETTLE_MS = 15_000  # how long a page may take to typeset math and render widgets
 
 
@@ -62,6 +69,7 @@ PAGES = toc_pages() + ["index", "search", "genindex"]
 
 # --- the build ---------------------------------------------------------------------------
 
+
 def jupyter_book() -> str:
     """The jupyter-book script of the Python running the tests (the project's venv)."""
     script = Path(sys.executable).with_name("jupyter-book")
@@ -77,12 +85,24 @@ def build():
     """
     shutil.rmtree(HTML, ignore_errors=True)
     dead = "http://127.0.0.1:9"
-    env = {**os.environ, "http_proxy": dead, "https_proxy": dead, "HTTP_PROXY": dead,
-           "HTTPS_PROXY": dead, "ALL_PROXY": dead, "no_proxy": "", "NO_PROXY": ""}
+    env = {
+        **os.environ,
+        "http_proxy": dead,
+        "https_proxy": dead,
+        "HTTP_PROXY": dead,
+        "HTTPS_PROXY": dead,
+        "ALL_PROXY": dead,
+        "no_proxy": "",
+        "NO_PROXY": "",
+    }
     start = time.perf_counter()
     proc = subprocess.run(
         [jupyter_book(), "build", str(ROOT), "--all", "-W", "-n", "--keep-going"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     proc.seconds = time.perf_counter() - start
     return proc
@@ -103,10 +123,14 @@ def test_book_builds_strictly(build):
 
 
 def test_every_built_page_is_checked(site):
-    built = {p.relative_to(site).with_suffix("").as_posix() for p in site.rglob("*.html")
-             if p.relative_to(site).parts[0] != "_static"}
-    assert built == set(PAGES), (f"pages built but not in the browser test: {built - set(PAGES)}; "
-                                 f"expected but not built: {set(PAGES) - built}")
+    built = {
+        p.relative_to(site).with_suffix("").as_posix()
+        for p in site.rglob("*.html")
+        if p.relative_to(site).parts[0] != "_static"
+    }
+    assert built == set(PAGES), (
+        f"pages built but not in the browser test: {built - set(PAGES)}; expected but not built: {set(PAGES) - built}"
+    )
 
 
 class _FetchedSources(HTMLParser):
@@ -141,6 +165,7 @@ def test_pages_fetch_nothing_from_outside(site):
 
 # --- the browser -------------------------------------------------------------------------
 
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
@@ -161,8 +186,10 @@ def server(site):
 def chromium_path() -> str:
     path = shutil.which("chromium")
     if not path:
-        pytest.fail("Chromium is not installed: run `make browser` (Debian's chromium and "
-                    "fonts-dejavu-core); the browser test never skips")
+        pytest.fail(
+            "Chromium is not installed: run `make browser` (Debian's chromium and "
+            "fonts-dejavu-core); the browser test never skips"
+        )
     return path
 
 
@@ -179,8 +206,7 @@ def browser():
     shutil.rmtree(SHOTS, ignore_errors=True)
     SHOTS.mkdir(parents=True)
     with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=path, headless=True,
-                                      args=CHROMIUM_FLAGS, timeout=120_000)
+        chromium = pw.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_FLAGS, timeout=120_000)
         yield chromium
         chromium.close()
 
@@ -254,12 +280,14 @@ def open_page(browser, base: str, name: str):
 
     context.route(lambda url: not local(url), lambda route: route.abort())  # never leave
     page = context.new_page()
-    page.on("request", lambda r: None if local(r.url) else problems.append(
-        f"request to another host: {r.url}"))
-    page.on("requestfailed", lambda r: local(r.url) and problems.append(
-        f"request failed: {r.url} ({r.failure})"))
-    page.on("response", lambda r: r.status >= 400 and not r.url.endswith("/favicon.ico")
-            and problems.append(f"HTTP {r.status}: {r.url}"))
+    page.on("request", lambda r: None if local(r.url) else problems.append(f"request to another host: {r.url}"))
+    page.on("requestfailed", lambda r: local(r.url) and problems.append(f"request failed: {r.url} ({r.failure})"))
+    page.on(
+        "response",
+        lambda r: (
+            r.status >= 400 and not r.url.endswith("/favicon.ico") and problems.append(f"HTTP {r.status}: {r.url}")
+        ),
+    )
     page.on("pageerror", lambda e: problems.append(f"page error: {e.message}"))
     page.on("console", lambda m: m.type == "error" and console.append(m.text))
 
@@ -287,8 +315,10 @@ def open_page(browser, base: str, name: str):
 def test_page_works_offline(site, server, browser, name):
     shown, problems, console = open_page(browser, server, name)
     if shown["unrendered"]:
-        problems.append(f"{len(shown['unrendered'])} of {shown['views']} widgets did not render "
-                        f"(models {shown['unrendered']}); is _vendor/jupyter-widgets complete?")
+        problems.append(
+            f"{len(shown['unrendered'])} of {shown['views']} widgets did not render "
+            f"(models {shown['unrendered']}); is _vendor/jupyter-widgets complete?"
+        )
     if shown["untypeset"]:
         problems.append(f"math not typeset by MathJax: {shown['untypeset']}")
     problems += [f"raw TeX in the page text: {t}" for t in shown["rawTex"]]

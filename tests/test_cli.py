@@ -43,16 +43,44 @@ def test_train_help_lists_the_flags(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags, head, comm", [
-    ([], "", "8 all-reduces (4 per layer)"),
-    (["--vocab-parallel"], "vocabulary parallel: the embedding, the tied head and the loss are sharded",
-     "13 all-reduces (4 per layer and 5 for the embedding, head and loss)"),
-    (["--vocab-parallel", "--shm"], "vocabulary parallel: the embedding, the tied head and the loss are sharded",
-     "13 all-reduces (4 per layer and 5 for the embedding, head and loss)"),
-])
+@pytest.mark.parametrize(
+    "flags, head, comm",
+    [
+        ([], "", "8 all-reduces (4 per layer)"),
+        (
+            ["--vocab-parallel"],
+            "vocabulary parallel: the embedding, the tied head and the loss are sharded",
+            "13 all-reduces (4 per layer and 5 for the embedding, head and loss)",
+        ),
+        (
+            ["--vocab-parallel", "--shm"],
+            "vocabulary parallel: the embedding, the tied head and the loss are sharded",
+            "13 all-reduces (4 per layer and 5 for the embedding, head and loss)",
+        ),
+    ],
+)
 def test_train_under_torchrun_on_two_processes_matches_the_dense_loss(flags, head, comm):
-    out = run(TORCHRUN + ["--nproc-per-node", "2", "-m", "tputil", "train", "--steps", "5", "--n-layer", "2",
-                          "--n-embd", "32", "--block-size", "32", "--batch-size", "4", *flags])
+    out = run(
+        TORCHRUN
+        + [
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "tputil",
+            "train",
+            "--steps",
+            "5",
+            "--n-layer",
+            "2",
+            "--n-embd",
+            "32",
+            "--block-size",
+            "32",
+            "--batch-size",
+            "4",
+            *flags,
+        ]
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [ROW.match(line) for line in out.stdout.splitlines()]
     rows = [tuple(float(x) for x in m.groups()) for m in rows if m]
@@ -78,8 +106,9 @@ def test_bad_input_names_what_to_change_and_exits_with_code_2():
 
 @pytest.mark.slow
 def test_a_degree_that_does_not_divide_the_heads_stops_every_rank_under_torchrun():
-    out = run(TORCHRUN + ["--nproc-per-node", "2", "-m", "tputil", "train", "--n-head", "3", "--n-embd", "48"],
-              timeout=60)
+    out = run(
+        TORCHRUN + ["--nproc-per-node", "2", "-m", "tputil", "train", "--n-head", "3", "--n-embd", "48"], timeout=60
+    )
     assert out.returncode != 0  # torchrun reports its workers' failure with its own exit code, 1
     message = "--n-head 3 cannot be split over p=2 processes"
     assert out.stderr.count(message) == 1, out.stderr  # said once, by rank 0
@@ -112,12 +141,15 @@ def test_generate_reports_a_continuation_that_differs_as_a_bug(monkeypatch, caps
     assert "more than rounding can explain: a bug" in printed
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "--prompt", ""], "--prompt is empty"),
-    (["train", "--block-size", "20000"], "--block-size 20000 is too long for the 16384-byte corpus"),
-    (["train", "--steps", "0"], "argument --steps: 0 is not a positive integer"),
-    (["train", "--dtype", "bfloat16"], "argument --dtype: invalid choice: 'bfloat16'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--prompt", ""], "--prompt is empty"),
+        (["train", "--block-size", "20000"], "--block-size 20000 is too long for the 16384-byte corpus"),
+        (["train", "--steps", "0"], "argument --steps: 0 is not a positive integer"),
+        (["train", "--dtype", "bfloat16"], "argument --dtype: invalid choice: 'bfloat16'"),
+    ],
+)
 def test_more_bad_input_exits_with_code_2(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
@@ -160,8 +192,10 @@ def test_shm_on_a_gpu_backend_says_what_to_change(monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["train", "--shm", "--steps", "1"])
     assert info.value.code == 2
-    assert "--shm joins CPU processes, but the backend is nccl (GPUs): drop --shm, or add --backend gloo" in \
-        capsys.readouterr().err
+    assert (
+        "--shm joins CPU processes, but the backend is nccl (GPUs): drop --shm, or add --backend gloo"
+        in capsys.readouterr().err
+    )
 
 
 def test_both_launchers_choose_the_device_with_select_device(monkeypatch):

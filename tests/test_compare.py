@@ -7,17 +7,17 @@ import torch
 from hypothesis import given, strategies as st
 
 from tp_helpers import DEGREES, PROPERTY, SMALL, make_gpt
-from tputil.course import compare
-from tputil.course import cost
 from tputil.comm import run_threads
+from tputil.course import compare, cost
 from tputil.model import GPT, GPTConfig
 from tputil.tp_model import TPGPT
 
 B, T = 4, 8
 
 
-@pytest.mark.parametrize("overrides", [{}, {"bias": False}, {"n_layer": 1, "n_embd": 24, "n_head": 2},
-                                       {"vocab_size": 50, "block_size": 7}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"bias": False}, {"n_layer": 1, "n_embd": 24, "n_head": 2}, {"vocab_size": 50, "block_size": 7}]
+)
 def test_parameter_count_matches_the_model(overrides):
     config = GPTConfig(**{**SMALL, **overrides})
     torch.manual_seed(0)
@@ -107,8 +107,7 @@ def test_degrees_that_do_not_divide_are_rejected():
 
 
 @PROPERTY
-@given(p=st.sampled_from([1, 2, 3, 4, 6]), B=st.integers(1, 4), T=st.integers(1, 64),
-       n_layer=st.integers(1, 6))
+@given(p=st.sampled_from([1, 2, 3, 4, 6]), B=st.integers(1, 4), T=st.integers(1, 64), n_layer=st.integers(1, 6))
 def test_laws(p, B, T, n_layer):
     config = GPTConfig(**{**SMALL, "n_layer": n_layer})
     tp = compare.tensor_parallel(config, B=B, T=T, p=p)

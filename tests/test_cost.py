@@ -7,11 +7,9 @@ tputil.course.lists (so the simulated ring is a real all-reduce, not just a byte
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from tputil.course import cost
-from tputil.course import lists
+from tputil.course import cost, lists
 
 
 def simulated_ring(kind, xs):
@@ -48,14 +46,17 @@ def simulated_ring(kind, xs):
 
 
 @settings(max_examples=40, deadline=None)
-@given(p=st.integers(1, 8), n=st.integers(1, 5), seed=st.integers(0, 10_000),
-       kind=st.sampled_from(cost.KINDS))
+@given(p=st.integers(1, 8), n=st.integers(1, 5), seed=st.integers(0, 10_000), kind=st.sampled_from(cost.KINDS))
 def test_formula_matches_the_bytes_a_simulated_ring_sends(p, n, seed, kind):
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randint(-9, 10, (n * p,), generator=g).float() for _ in range(p)]  # exact sums
     out, sent = simulated_ring(kind, xs)
-    expected = {"all_reduce": lists.all_reduce, "reduce_scatter": lists.reduce_scatter,
-                "all_gather": lists.all_gather, "broadcast": lists.broadcast}[kind](xs)
+    expected = {
+        "all_reduce": lists.all_reduce,
+        "reduce_scatter": lists.reduce_scatter,
+        "all_gather": lists.all_gather,
+        "broadcast": lists.broadcast,
+    }[kind](xs)
     assert all(torch.equal(o, e) for o, e in zip(out, expected))
     nbytes = xs[0].numel() * xs[0].element_size()
     assert max(sent) == cost.ring_bytes(kind, nbytes, p)
@@ -67,7 +68,8 @@ def test_formula_matches_the_bytes_a_simulated_ring_sends(p, n, seed, kind):
 def test_all_reduce_is_reduce_scatter_plus_all_gather(p):
     n = 3 * 2**20
     assert cost.ring_bytes("all_reduce", n, p) == (
-        cost.ring_bytes("reduce_scatter", n, p) + cost.ring_bytes("all_gather", n // p, p))
+        cost.ring_bytes("reduce_scatter", n, p) + cost.ring_bytes("all_gather", n // p, p)
+    )
     assert cost.ring_bytes("all_reduce", n, p) == 2 * (p - 1) / p * n < 2 * n
     assert cost.ring_steps("all_reduce", p) == 2 * (p - 1)
 

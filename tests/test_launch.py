@@ -34,10 +34,18 @@ def tp_gpt_on_real_ranks(group, config, state_dict, idx, targets):
     with group.stats.measure() as fwd:
         logits, loss = model(idx, targets)
     loss.backward()
-    return dict(rank=group.rank, world_size=group.world_size, backend=group.backend, collectives=collectives,
-                logits=logits, loss=loss, calls=dict(fwd.calls), bytes=dict(fwd.bytes),
-                c_fc_grad=model.transformer.h[0].mlp.c_fc.weight.grad,
-                generated=model.generate(idx[:, :4], 12))
+    return dict(
+        rank=group.rank,
+        world_size=group.world_size,
+        backend=group.backend,
+        collectives=collectives,
+        logits=logits,
+        loss=loss,
+        calls=dict(fwd.calls),
+        bytes=dict(fwd.bytes),
+        c_fc_grad=model.transformer.h[0].mlp.c_fc.weight.grad,
+        generated=model.generate(idx[:, :4], 12),
+    )
 
 
 def fail_on_rank_1(group):
@@ -63,8 +71,9 @@ def test_tp_gpt_on_two_real_processes_matches_dense():
     idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
     logits, loss = dense(idx, targets)
     loss.backward()
-    results = run_processes(tp_gpt_on_real_ranks, 2, dense.config, dense.state_dict(), idx, targets,
-                            backend="gloo", timeout=120.0)
+    results = run_processes(
+        tp_gpt_on_real_ranks, 2, dense.config, dense.state_dict(), idx, targets, backend="gloo", timeout=120.0
+    )
     x = [torch.arange(6.0).view(2, 3) + 10 * r for r in range(2)]
     for r, out in enumerate(results):
         assert (out["rank"], out["world_size"], out["backend"]) == (r, 2, "gloo")

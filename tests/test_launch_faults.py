@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from tputil import launch
-from tputil.course import ch08_real_processes as demos
 from tputil.comm import RankError
+from tputil.course import ch08_real_processes as demos
 from tputil.launch import run_processes
 
 SLOW = dict(timeout=60.0, collective_timeout=60.0)  # far above what any test below may take
@@ -64,8 +64,11 @@ def test_two_concurrent_runs_each_get_their_own_port_and_results(no_leftovers, c
 @pytest.mark.slow
 def test_a_rank_that_raises_fails_the_call_at_once_and_what_the_ranks_started_is_stopped(no_leftovers, tmp_path):
     start = time.monotonic()
-    with pytest.raises(RankError, match=r"^rank 1 of 2 failed:\nTraceback(.|\n)*in raise_on\n(.|\n)*"
-                                        r"ValueError: rank 1 fails on purpose") as info:
+    with pytest.raises(
+        RankError,
+        match=r"^rank 1 of 2 failed:\nTraceback(.|\n)*in raise_on\n(.|\n)*"
+        r"ValueError: rank 1 fails on purpose",
+    ) as info:
         run_processes(demos.start_process_then_raise, 2, str(tmp_path / "pid"), 1, **SLOW)
     assert info.value.rank == 1
     # rank 1 waits to be stopped after it raised, so rank 0 is still in its all-reduce (see the next test)
@@ -92,13 +95,17 @@ class _SlowClock:
 
 @pytest.mark.slow
 def test_a_rank_waiting_for_one_that_raised_is_reported_as_still_running_however_late_the_parent_looks(
-        no_leftovers, tmp_path, monkeypatch):
+    no_leftovers, tmp_path, monkeypatch
+):
     """The rank that raised stays alive until it is stopped, so the ranks waiting for it in a collective
     do not fail in turn ("Connection closed"): the report is the same whenever the parent looks.
     Here the parent looks at its ranks only once a second, long after rank 1 raised."""
     monkeypatch.setattr(launch, "time", _SlowClock(1.0))
-    with pytest.raises(RankError, match=r"^rank 1 of 2 failed:\nTraceback(.|\n)*ValueError: rank 1 fails on purpose"
-                                        r"(.|\n)*The other ranks: rank 0 was still running and was stopped\.$"):
+    with pytest.raises(
+        RankError,
+        match=r"^rank 1 of 2 failed:\nTraceback(.|\n)*ValueError: rank 1 fails on purpose"
+        r"(.|\n)*The other ranks: rank 0 was still running and was stopped\.$",
+    ):
         run_processes(demos.start_process_then_raise, 2, str(tmp_path / "pid"), 1, **SLOW)
     pids = [int((tmp_path / f"pid.{r}").read_text()) for r in range(2)]
     assert _gone_within(pids, 2.0) == []
@@ -116,15 +123,18 @@ def test_a_rank_that_dies_is_named_with_its_exit_code(no_leftovers, how, code):
     assert info.value.rank == 1
     if how == "SIGSEGV":  # faulthandler's report, kept from the rank's stderr, points at the line
         assert "Fatal Python error: Segmentation fault" in str(info.value)
-        assert re.search(r"launch_demos.py\", line \d+ in die_on", str(info.value))
+        assert re.search(r"ch08_real_processes.py\", line \d+ in die_on", str(info.value))
     assert time.monotonic() - start < 15.0
 
 
 @pytest.mark.slow
 def test_a_collective_that_one_rank_never_joins_times_out_with_a_clear_error(no_leftovers):
     start = time.monotonic()
-    with pytest.raises(RankError, match=r"^rank 0 of 2 timed out after collective_timeout=1.0s waiting in a "
-                                        r"collective that the other ranks did not join") as info:
+    with pytest.raises(
+        RankError,
+        match=r"^rank 0 of 2 timed out after collective_timeout=1.0s waiting in a "
+        r"collective that the other ranks did not join",
+    ) as info:
         run_processes(demos.skip_all_reduce_on, 2, 1, "sleep", 60.0, timeout=60.0, collective_timeout=1.0)
     assert info.value.rank == 0
     assert "rank 1 was still running and was stopped" in str(info.value)
@@ -134,8 +144,11 @@ def test_a_collective_that_one_rank_never_joins_times_out_with_a_clear_error(no_
 @pytest.mark.slow
 def test_a_rank_that_skips_a_collective_and_returns_is_reported_at_once(no_leftovers):
     start = time.monotonic()
-    with pytest.raises(RankError, match=r"^rank 0 of 2 failed in a collective:(.|\n)*Connection (closed|reset) by peer"
-                                        r"(.|\n)*rank 1 had returned its result(.|\n)*did they skip a collective"):
+    with pytest.raises(
+        RankError,
+        match=r"^rank 0 of 2 failed in a collective:(.|\n)*Connection (closed|reset) by peer"
+        r"(.|\n)*rank 1 had returned its result(.|\n)*did they skip a collective",
+    ):
         run_processes(demos.skip_all_reduce_on, 2, 1, "return", **SLOW)
     assert time.monotonic() - start < 15.0
 
@@ -151,8 +164,10 @@ def test_a_rank_stuck_outside_any_collective_is_stopped_by_the_whole_call_timeou
 @pytest.mark.slow
 def test_the_ranks_exit_when_the_calling_process_dies(no_leftovers):
     """A notebook kernel that is killed takes its ranks with it (they watch a pipe from it)."""
-    code = ("from tputil import launch, launch_demos; "
-            "launch.run_processes(launch_demos.report_then_sleep, 2, 60.0, timeout=20.0)")
+    code = (
+        "from tputil import launch; from tputil.course import ch08_real_processes as demos; "
+        "launch.run_processes(demos.report_then_sleep, 2, 60.0, timeout=20.0)"
+    )
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         ready = [parent.stdout.readline() for _ in range(2)]
@@ -202,8 +217,10 @@ def test_a_script_without_a_main_guard_fails_at_once_saying_what_to_do(tmp_path)
     elapsed = time.monotonic() - start
     assert run.returncode != 0
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"RuntimeError: run_processes was called from the top level of {unguarded}, without "
-                           f"an `if __name__ == \"__main__\":` guard."), run.stderr
+    assert last.startswith(
+        f"RuntimeError: run_processes was called from the top level of {unguarded}, without "
+        f'an `if __name__ == "__main__":` guard.'
+    ), run.stderr
     assert "Put the call to run_processes" in last
     assert "RankError" not in run.stderr and "Can't get attribute" not in run.stderr  # one clear error, not nested
     assert elapsed < 30.0  # at once: the first child that runs the script reports it

@@ -55,10 +55,11 @@ def _attack(payload, stop, seen, attacked):
     while not stop.is_set():
         for addr in _listening(os.getpid()):
             seen.add((addr.ip, addr.port))
-            for host in (["::1"] if addr.ip == "::1" else ["127.0.0.1", "::1"]):
+            for host in ["::1"] if addr.ip == "::1" else ["127.0.0.1", "::1"]:
                 try:
-                    client = dist.TCPStore(host, addr.port, is_master=False, wait_for_workers=False,
-                                           timeout=timedelta(seconds=1))
+                    client = dist.TCPStore(
+                        host, addr.port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=1)
+                    )
                     for key in KEYS:
                         client.set(key, pickle.dumps(payload))
                     attacked.add(addr.port)
@@ -82,8 +83,9 @@ def test_crafted_pickles_written_into_the_store_are_never_unpickled(tmp_path):
     finally:
         stop.set()
         attacker.join(10.0)
-    assert not marker.exists(), (f"a pickle written into the launcher's store by another process was unpickled "
-                                 f"(the call ended with {error!r})")
+    assert not marker.exists(), (
+        f"a pickle written into the launcher's store by another process was unpickled (the call ended with {error!r})"
+    )
     assert error is None, f"the call failed instead of returning the ranks' results: {error!r}"
     assert results == [("real result", 0, 2), ("real result", 1, 2)]
     assert attacked, f"the test attacked nothing (listening sockets seen: {seen})"  # the rendezvous store

@@ -77,26 +77,43 @@ def test_core_imports_only_the_core(path):
 
 @pytest.mark.parametrize("path", [f for f in FILES if top(f) in RUNNING], ids=lambda f: module_name(f))
 def test_running_imports_no_support_except_the_bench_command(path):
-    bad = sorted({(name, fn) for name, fn in imports(path) if name in SUPPORT
-                  and not (path.name == "cli.py" and name == "bench" and fn == "main")})
+    bad = sorted(
+        {
+            (name, fn)
+            for name, fn in imports(path)
+            if name in SUPPORT and not (path.name == "cli.py" and name == "bench" and fn == "main")
+        }
+    )
     assert not bad, f"{module_name(path)} imports support modules {bad}"
 
 
 def test_the_checker_sees_every_import_form():
     """The rules above would pass vacuously if `imports` missed an import form: feed it each one."""
-    source = ("from .course import lists\nfrom . import bench\nimport tputil.viz\nfrom ..x import y\n"
-              "def f():\n    from tputil.course.cost import ring_bytes\n"
-              "from .comm import Group\nfrom .comm.group import KINDS\n")
-    assert imports(PACKAGE / "layers.py", source) == [("course", None), ("bench", None), ("viz", None),
-                                                       ("course", "f"), ("comm", None), ("comm", None)]
+    source = (
+        "from .course import lists\nfrom . import bench\nimport tputil.viz\nfrom ..x import y\n"
+        "def f():\n    from tputil.course.cost import ring_bytes\n"
+        "from .comm import Group\nfrom .comm.group import KINDS\n"
+    )
+    assert imports(PACKAGE / "layers.py", source) == [
+        ("course", None),
+        ("bench", None),
+        ("viz", None),
+        ("course", "f"),
+        ("comm", None),
+        ("comm", None),
+    ]
     assert imports(PACKAGE / "comm" / "dist.py", "from ..course import lists\nfrom .group import Group\n") == [
-        ("course", None), ("comm", None)]
+        ("course", None),
+        ("comm", None),
+    ]
 
 
 def test_the_command_line_loads_no_support_module_until_bench_runs():
-    code = ("import sys, tputil.cli, tputil.launch, tputil.train\n"
-            "bad = sorted(m for m in sys.modules if m.startswith(('tputil.bench', 'tputil.course', 'tputil.viz',"
-            " 'torch.distributed.tensor')))\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys, tputil.cli, tputil.launch, tputil.train\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('tputil.bench', 'tputil.course', 'tputil.viz',"
+        " 'torch.distributed.tensor')))\n"
+        "assert not bad, bad\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from tputil.course import lists
 
-
 # --- all_reduce: the law ------------------------------------------------------------------
+
 
 @settings(max_examples=60, deadline=None)
 @given(
@@ -48,8 +47,12 @@ def test_all_reduce_sums_in_rank_order():
 
 
 def test_all_reduce_toy_from_chapter_1():
-    x1, x2, x3, x4 = (torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]),
-                      torch.tensor([5.0, 6.0]), torch.tensor([7.0, 8.0]))
+    x1, x2, x3, x4 = (
+        torch.tensor([1.0, 2.0]),
+        torch.tensor([3.0, 4.0]),
+        torch.tensor([5.0, 6.0]),
+        torch.tensor([7.0, 8.0]),
+    )
     out = lists.all_reduce([x1 + x2, x3 + x4])
     assert len(out) == 2
     assert all(torch.equal(o, torch.tensor([16.0, 20.0])) for o in out)
@@ -60,10 +63,10 @@ def test_all_reduce_returns_independent_copies_and_leaves_inputs_alone():
     before = [x.clone() for x in xs]
     out = lists.all_reduce(xs)
     assert all(torch.equal(x, b) for x, b in zip(xs, before))
-    assert len({o.data_ptr() for o in out}) == len(out)           # one buffer per device
+    assert len({o.data_ptr() for o in out}) == len(out)  # one buffer per device
     assert all(o.data_ptr() != x.data_ptr() for o in out for x in xs)
-    out[0].add_(100.0)                                            # a device changes its copy...
-    assert torch.equal(out[1], 3 * torch.ones(3))                 # ...the others do not see it
+    out[0].add_(100.0)  # a device changes its copy...
+    assert torch.equal(out[1], 3 * torch.ones(3))  # ...the others do not see it
     assert torch.equal(xs[0], torch.ones(3))
 
 
@@ -81,6 +84,7 @@ def test_all_reduce_accepts_a_tuple_and_keeps_dtype():
 
 
 # --- all_reduce: the errors say what to change ---------------------------------------------
+
 
 def test_error_on_empty_list():
     with pytest.raises(ValueError, match=r"empty list: pass one tensor per device"):
@@ -113,17 +117,29 @@ def test_error_on_mismatched_shapes_names_the_device_and_the_fix():
 
 
 def test_error_on_mismatched_dtypes():
-    with pytest.raises(ValueError, match=r"device 1 holds torch.float64; convert with "
-                                         r"\.to\(torch.float32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"device 1 holds torch.float64; convert with "
+        r"\.to\(torch.float32\)",
+    ):
         lists.all_reduce([torch.zeros(2), torch.zeros(2, dtype=torch.float64)])
 
 
 # --- chapter 2: all_gather, reduce_scatter, broadcast --------------------------------------
 
+
 def _whole(p, shape, seed):
     # Small whole numbers add exactly in float32, in any order: equality, not closeness.
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(-50, 51, shape, generator=g).float() for _ in range(p)]
+
+
+def _cut_dim(p, shape, data):
+    """A dim drawn from shape's dims, and shape with that dim made p times longer (divisible by p)."""
+    dim = data.draw(st.integers(min_value=-len(shape), max_value=len(shape) - 1))
+    shape = list(shape)
+    shape[dim] *= p
+    return dim, shape
 
 
 def test_the_docstring_examples():
@@ -161,9 +177,7 @@ def test_all_gather_concatenates_in_rank_order(p, shape, data):
     data=st.data(),
 )
 def test_reduce_scatter_gives_device_r_chunk_r_of_the_sum(p, shape, data):
-    dim = data.draw(st.integers(min_value=-len(shape), max_value=len(shape) - 1))
-    shape = list(shape)
-    shape[dim] *= p                                     # make the cut dimension divisible by p
+    dim, shape = _cut_dim(p, shape, data)
     xs = _whole(p, shape, data.draw(st.integers(0, 10_000)))
     out = lists.reduce_scatter(xs, dim=dim)
     total = torch.stack(xs).sum(0)
@@ -196,9 +210,7 @@ def test_broadcast_copies_the_source_to_every_device(p, shape, data):
 def test_reduce_scatter_then_all_gather_is_all_reduce(p, shape, data):
     # The law behind the ring all-reduce (chapter 2): bit for bit, on random float32 data,
     # because both sum in rank order and the all-gather only moves the chunks.
-    dim = data.draw(st.integers(min_value=-len(shape), max_value=len(shape) - 1))
-    shape = list(shape)
-    shape[dim] *= p
+    dim, shape = _cut_dim(p, shape, data)
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     xs = [torch.randn(shape, generator=g) for _ in range(p)]
     chunks = lists.reduce_scatter(xs, dim=dim)
@@ -240,9 +252,12 @@ def test_new_collectives_share_the_input_checks():
 
 def test_reduce_scatter_error_says_which_degrees_divide():
     xs = [torch.zeros(2, 6)] * 4
-    with pytest.raises(ValueError, match=r"dim 1 \(size 6\) of shape \(2, 6\) into p=4 equal chunks, "
-                                         r"but 6 is not divisible by 4; use a number of devices in "
-                                         r"\[1, 2, 3, 6\] or pad dim 1 to a multiple of 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"dim 1 \(size 6\) of shape \(2, 6\) into p=4 equal chunks, "
+        r"but 6 is not divisible by 4; use a number of devices in "
+        r"\[1, 2, 3, 6\] or pad dim 1 to a multiple of 4",
+    ):
         lists.reduce_scatter(xs)
 
 
@@ -250,8 +265,11 @@ def test_gather_and_scatter_need_a_dimension_in_range():
     for op in (lists.all_gather, lists.reduce_scatter):
         with pytest.raises(ValueError, match=r"0-d tensors \(scalars\); give them a dimension"):
             op([torch.tensor(1.0), torch.tensor(2.0)])
-        with pytest.raises(ValueError, match=r"dim=2 is out of range for tensors of shape \(2, 3\); "
-                                             r"use a dim in \[-2, 1\]"):
+        with pytest.raises(
+            ValueError,
+            match=r"dim=2 is out of range for tensors of shape \(2, 3\); "
+            r"use a dim in \[-2, 1\]",
+        ):
             op([torch.zeros(2, 3)] * 2, dim=2)
 
 

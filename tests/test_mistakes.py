@@ -8,20 +8,20 @@ import pytest
 import torch
 
 from tp_helpers import FLOAT32
-from tputil.course import mistakes
 from tputil.comm import run_threads
+from tputil.course import mistakes
 from tputil.layers import RowParallelLinear
 from tputil.shard import shard_tensor
 
-
 # --- chapter 3: parallel linear layers -------------------------------------------------------
+
 
 @pytest.mark.parametrize("p", [2, 3, 4, 8])
 def test_row_parallel_bias_on_every_rank_is_off_by_p_minus_1_times_b(p):
     err = mistakes.row_parallel_bias_on_every_rank(p=p, seed=0)
     linear, _ = mistakes._linear_and_input(0)
     expected = (p - 1) * linear.bias.abs().max().item()
-    assert err > 1e-2                                        # far beyond float32 rounding...
+    assert err > 1e-2  # far beyond float32 rounding...
     assert err == pytest.approx(expected, rel=1e-5, abs=1e-5)  # ...and exactly the extra biases
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tp_helpers import FLOAT32
-from tputil.course import mistakes
 from tputil.comm import run_threads
+from tputil.course import mistakes
 from tputil.model import MLP, CausalSelfAttention, GPTConfig
-from tputil.tp_model import TPCausalSelfAttention, TPMLP
+from tputil.tp_model import TPMLP, TPCausalSelfAttention
 
 LARGE = 1e-2  # a real mistake moves outputs of order 1 by more than this; rounding moves them ~1e-7
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tp_helpers import FLOAT64, make_gpt
-from tputil.model import GPT, GPTConfig, causal_attention
+from tputil.model import GPT, GPTConfig, causal_attention, untrained_gpt
 
 
 def test_config_defaults_are_valid_and_small():
@@ -16,12 +16,15 @@ def test_config_defaults_are_valid_and_small():
     assert config.head_size == 16
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(n_embd=50, n_head=4), r"n_embd=50 is not divisible by n_head=4.*e\.g\. \[48, 52\]"),
-    (dict(n_layer=0), r"GPTConfig.n_layer=0: it must be a positive integer"),
-    (dict(vocab_size=2.5), r"GPTConfig.vocab_size=2.5"),
-    (dict(dropout=1.0), r"GPTConfig.dropout=1.0: it must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_embd=50, n_head=4), r"n_embd=50 is not divisible by n_head=4.*e\.g\. \[48, 52\]"),
+        (dict(n_layer=0), r"GPTConfig.n_layer=0: it must be a positive integer"),
+        (dict(vocab_size=2.5), r"GPTConfig.vocab_size=2.5"),
+        (dict(dropout=1.0), r"GPTConfig.dropout=1.0: it must be in \[0, 1\)"),
+    ],
+)
 def test_config_rejects_invalid_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**kwargs)
@@ -29,14 +32,25 @@ def test_config_rejects_invalid_values(kwargs, message):
 
 def test_parameter_names_match_nanogpt():
     model = GPT(GPTConfig(n_layer=1))
-    expected = ["transformer.wte.weight", "transformer.wpe.weight",
-                "transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias",
-                "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias",
-                "transformer.h.0.attn.c_proj.weight", "transformer.h.0.attn.c_proj.bias",
-                "transformer.h.0.ln_2.weight", "transformer.h.0.ln_2.bias",
-                "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_fc.bias",
-                "transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias",
-                "transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"]
+    expected = [
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.h.0.ln_1.weight",
+        "transformer.h.0.ln_1.bias",
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.0.attn.c_attn.bias",
+        "transformer.h.0.attn.c_proj.weight",
+        "transformer.h.0.attn.c_proj.bias",
+        "transformer.h.0.ln_2.weight",
+        "transformer.h.0.ln_2.bias",
+        "transformer.h.0.mlp.c_fc.weight",
+        "transformer.h.0.mlp.c_fc.bias",
+        "transformer.h.0.mlp.c_proj.weight",
+        "transformer.h.0.mlp.c_proj.bias",
+        "transformer.ln_f.weight",
+        "transformer.ln_f.bias",
+        "lm_head.weight",
+    ]
     assert list(model.state_dict()) == expected
     assert model.transformer.h[0].attn.c_attn.weight.shape == (3 * 64, 64)
     assert model.transformer.h[0].mlp.c_fc.weight.shape == (4 * 64, 64)
@@ -64,6 +78,25 @@ def test_init_follows_gpt2():
     assert block.attn.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(2 * 4), rel=0.05)
     assert torch.count_nonzero(block.attn.c_attn.bias) == 0
     assert torch.equal(block.ln_1.weight, torch.ones(128))
+
+
+def test_untrained_gpt_perturbs_biases_norms_and_blocks_from_its_seed():
+    config = GPTConfig(n_layer=2, n_embd=128, n_head=4)
+    model = untrained_gpt(config, seed=1)
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    dense = GPT(config)  # the same draws first: GPT-2's init
+    assert torch.equal(model.transformer.wpe.weight, dense.transformer.wpe.weight)  # not perturbed
+    block = model.transformer.h[0]
+    assert block.attn.c_attn.bias.std().item() == pytest.approx(0.05, rel=0.2)
+    assert block.ln_1.weight.mean().item() == pytest.approx(1.0, abs=0.05)
+    assert block.ln_1.weight.std().item() == pytest.approx(0.1, rel=0.2)
+    assert block.mlp.c_fc.weight.std().item() == pytest.approx(0.2, rel=0.05)
+    assert not model.training
+    assert torch.equal(untrained_gpt(config, seed=1).state_dict()["lm_head.weight"], model.lm_head.weight)
+    assert torch.equal(torch.rand(3), after)  # the global generator: seeded, then the same draws
+    plain = untrained_gpt(config, seed=1, block_std=None).transformer.h[0]
+    assert torch.equal(plain.mlp.c_fc.weight, dense.transformer.h[0].mlp.c_fc.weight)  # GPT-2's init kept
 
 
 def test_forward_shapes_and_initial_loss():
@@ -135,7 +168,10 @@ def test_greedy_generation_is_argmax_feedback_and_crops_to_block_size():
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
     model = make_gpt()
     idx = torch.randint(0, 64, (2, 4))
-    draw = lambda seed: model.generate(idx, 10, greedy=False, generator=torch.Generator().manual_seed(seed))
+
+    def draw(seed):
+        return model.generate(idx, 10, greedy=False, generator=torch.Generator().manual_seed(seed))
+
     assert torch.equal(draw(3), draw(3))
     top1 = model.generate(idx, 10, greedy=False, top_k=1, generator=torch.Generator().manual_seed(3))
     assert torch.equal(top1, model.generate(idx, 10))

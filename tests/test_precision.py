@@ -9,18 +9,18 @@ import torch
 from hypothesis import given, strategies as st
 
 from tp_helpers import PROPERTY, make_gpt
-from tputil.course import precision
 from tputil.comm import run_threads
+from tputil.course import precision
 from tputil.model import GPTConfig
 from tputil.tp_model import TPGPT
 
 
 def test_unit_roundoff_is_half_of_epsilon():
-    assert precision.unit_roundoff(torch.float32) == 2.0 ** -24
-    assert precision.unit_roundoff(torch.float64) == 2.0 ** -53
-    assert precision.unit_roundoff(torch.bfloat16) == 2.0 ** -8
+    assert precision.unit_roundoff(torch.float32) == 2.0**-24
+    assert precision.unit_roundoff(torch.float64) == 2.0**-53
+    assert precision.unit_roundoff(torch.bfloat16) == 2.0**-8
     one = torch.tensor(1.0)  # 1 + u is a tie and rounds to even, back to 1; 1 + eps does not
-    assert one + 2.0 ** -24 == one and one + 2.0 ** -23 > one
+    assert one + 2.0**-24 == one and one + 2.0**-23 > one
 
 
 @PROPERTY
@@ -46,7 +46,7 @@ def test_a_sum_in_any_order_stays_within_the_bound(n, seed, chunks):
 
 def test_sum_bound_per_entry_and_its_argument_check():
     b = precision.sum_bound(torch.tensor([1.0, 2.0]), 4, torch.float32)
-    assert torch.equal(b, torch.tensor([4.0, 8.0]) * 2.0 ** -24)
+    assert torch.equal(b, torch.tensor([4.0, 8.0]) * 2.0**-24)
     with pytest.raises(ValueError, match="at least one term"):
         precision.sum_bound(1.0, 0, torch.float32)
 
@@ -85,8 +85,9 @@ def test_logit_term_sizes_by_hand_and_greedy_margins_on_a_real_generation():
         for block in model.transformer.h:
             x = block(x)
         h = model.transformer.ln_f(x)
-        by_hand = torch.stack([(h[b, t].abs() * model.lm_head.weight.abs()).sum(-1).max()
-                               for b in range(2) for t in range(5)]).view(2, 5)
+        by_hand = torch.stack(
+            [(h[b, t].abs() * model.lm_head.weight.abs()).sum(-1).max() for b in range(2) for t in range(5)]
+        ).view(2, 5)
         out = model.generate(idx, 20)  # past block_size: the cropping too
     torch.testing.assert_close(precision.logit_term_sizes(model, idx), by_hand)
     gaps, bounds = precision.greedy_margins(model, out, 5)
@@ -96,6 +97,9 @@ def test_logit_term_sizes_by_hand_and_greedy_margins_on_a_real_generation():
     assert gaps[0] == (top2[:, 0] - top2[:, 1]).min().item()
     size = precision.logit_term_sizes(model, idx)[:, -1].max().item()
     assert bounds[0] == precision.gpt_logit_bound(model.config, 5, size, torch.float32)["worst"]
-    assert bounds[-1] == precision.gpt_logit_bound(
-        model.config, 16, precision.logit_term_sizes(model, out[:, 8:24])[:, -1].max().item(),
-        torch.float32)["worst"]
+    assert (
+        bounds[-1]
+        == precision.gpt_logit_bound(
+            model.config, 16, precision.logit_term_sizes(model, out[:, 8:24])[:, -1].max().item(), torch.float32
+        )["worst"]
+    )

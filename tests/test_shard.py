@@ -6,14 +6,30 @@ from hypothesis import given, strategies as st
 
 from tp_helpers import PROPERTY, make_gpt
 from tputil.model import GPTConfig
-from tputil.shard import (GPT_TP_PLAN, Replicate, Shard, check_shard_state_dict, dense_shapes, divide, gather_state_dict,
-                          gather_tensors, placement, shard_shapes, shard_state_dict, shard_tensor, valid_degrees)
+from tputil.shard import (
+    GPT_TP_PLAN,
+    Replicate,
+    Shard,
+    check_shard_state_dict,
+    dense_shapes,
+    divide,
+    gather_state_dict,
+    gather_tensors,
+    placement,
+    shard_shapes,
+    shard_state_dict,
+    shard_tensor,
+    valid_degrees,
+)
 
 
 def test_divide_and_its_message():
     assert divide(12, 4, "n_head") == 3
-    with pytest.raises(ValueError, match=r"^n_head=6 is not divisible by p=4; p must divide n_head: "
-                                         r"try one of \[1, 2, 3, 6\]$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^n_head=6 is not divisible by p=4; p must divide n_head: "
+        r"try one of \[1, 2, 3, 6\]$",
+    ):
         divide(6, 4, "n_head")
     with pytest.raises(ValueError, match=r"p=0: the parallel degree must be a positive integer"):
         divide(6, 0)
@@ -41,8 +57,14 @@ def test_strided_shards_differ_from_contiguous_chunks():
 
 
 @PROPERTY
-@given(p=st.integers(1, 4), stride=st.integers(1, 3), per=st.integers(1, 3), other=st.integers(1, 4),
-       dim=st.sampled_from([0, 1, -1]), seed=st.integers(0, 999))
+@given(
+    p=st.integers(1, 4),
+    stride=st.integers(1, 3),
+    per=st.integers(1, 3),
+    other=st.integers(1, 4),
+    dim=st.sampled_from([0, 1, -1]),
+    seed=st.integers(0, 999),
+)
 def test_shard_then_gather_is_bitwise_exact(p, stride, per, other, dim, seed):
     shape = [other, other]
     shape[dim] = p * stride * per
@@ -54,8 +76,11 @@ def test_shard_then_gather_is_bitwise_exact(p, stride, per, other, dim, seed):
 
 def test_shard_tensor_errors():
     t = torch.zeros(10, 4)
-    with pytest.raises(ValueError, match=r"cannot shard dim 0 \(size 10\) of a tensor of shape \(10, 4\) into "
-                                         r"p=4 shards with stride 1: 10 is not divisible by stride \* p = 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot shard dim 0 \(size 10\) of a tensor of shape \(10, 4\) into "
+        r"p=4 shards with stride 1: 10 is not divisible by stride \* p = 4",
+    ):
         shard_tensor(t, 0, 4, dim=0)
     with pytest.raises(ValueError, match=r"rank=2 is not in range\(world_size=2\)"):
         shard_tensor(t, 2, 2, dim=0)
@@ -101,7 +126,9 @@ def test_shards_are_new_tensors():
 def test_wrong_degree_is_rejected():
     config = GPTConfig(n_head=6, n_embd=48)
     sd = make_gpt(n_head=6).state_dict()
-    with pytest.raises(ValueError, match=r"n_head=6 is not divisible by p=4; p must divide n_head: try one of \[1, 2, 3, 6\]"):
+    with pytest.raises(
+        ValueError, match=r"n_head=6 is not divisible by p=4; p must divide n_head: try one of \[1, 2, 3, 6\]"
+    ):
         shard_state_dict(sd, config, 0, 4)
     shards = [shard_state_dict(sd, config, r, 2) for r in range(2)]
     with pytest.raises(ValueError, match=r"gather_state_dict got 4 shards: n_head=6 is not divisible by p=4"):
@@ -111,8 +138,11 @@ def test_wrong_degree_is_rejected():
 def test_wrong_count_of_shards_is_rejected_naming_the_parameter():
     dense = make_gpt()
     shards = [shard_state_dict(dense.state_dict(), dense.config, r, 2) for r in range(2)]
-    with pytest.raises(ValueError, match=r"rank 0: transformer.h.0.attn.c_attn.weight: expected shape \(36, 48\) "
-                                         r"for a shard at p=4, got \(72, 48\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"rank 0: transformer.h.0.attn.c_attn.weight: expected shape \(36, 48\) "
+        r"for a shard at p=4, got \(72, 48\)",
+    ):
         gather_state_dict(shards + shards, dense.config)  # four shards made for p=2
 
 
@@ -120,8 +150,11 @@ def test_wrong_shard_shape_is_rejected_naming_the_parameter():
     dense = make_gpt()
     shards = [shard_state_dict(dense.state_dict(), dense.config, r, 2) for r in range(2)]
     shards[1]["transformer.h.2.mlp.c_proj.weight"] = torch.zeros(48, 192)  # the dense shape, not a shard
-    with pytest.raises(ValueError, match=r"rank 1: transformer.h.2.mlp.c_proj.weight: expected shape \(48, 96\) "
-                                         r"for a shard at p=2, got \(48, 192\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"rank 1: transformer.h.2.mlp.c_proj.weight: expected shape \(48, 96\) "
+        r"for a shard at p=2, got \(48, 192\)",
+    ):
         gather_state_dict(shards, dense.config)
 
 
@@ -130,7 +163,9 @@ def test_missing_and_unexpected_keys_are_named():
     shard = shard_state_dict(dense.state_dict(), dense.config, 0, 2)
     del shard["transformer.ln_f.bias"]
     shard["transformer.h.0.attn.bias"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"missing \['transformer.ln_f.bias'\], unexpected \['transformer.h.0.attn.bias'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing \['transformer.ln_f.bias'\], unexpected \['transformer.h.0.attn.bias'\]"
+    ):
         check_shard_state_dict(shard, dense.config, 2)
 
 
@@ -138,7 +173,9 @@ def test_replicas_that_drifted_apart_are_reported():
     dense = make_gpt()
     shards = [shard_state_dict(dense.state_dict(), dense.config, r, 2) for r in range(2)]
     shards[1]["transformer.h.1.ln_1.weight"][0] += 1e-3
-    with pytest.raises(ValueError, match=r"replicated parameter transformer.h.1.ln_1.weight differs between rank 0 and rank 1"):
+    with pytest.raises(
+        ValueError, match=r"replicated parameter transformer.h.1.ln_1.weight differs between rank 0 and rank 1"
+    ):
         gather_state_dict(shards, dense.config)
     gather_state_dict(shards, dense.config, check_replicas=False)  # rank 0's copy is taken
 

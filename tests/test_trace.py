@@ -5,8 +5,8 @@ import torch
 
 from tp_helpers import make_gpt
 from tputil.comm import SingleGroup, run_threads
-from tputil.tp_model import TPGPT
 from tputil.course.trace import trace_collectives
+from tputil.tp_model import TPGPT
 
 B, T = 2, 8
 
@@ -23,8 +23,10 @@ def traced(p, *, backward=True, extra=False):
                 loss.backward()
             if extra:
                 group.all_reduce(torch.ones(3), tag="outside")
-        hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                    + len(m._backward_pre_hooks) for m in model.modules())
+        hooks = sum(
+            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
+            for m in model.modules()
+        )
         return trace, hooks
 
     return dense.config, run_threads(fn, p)
@@ -40,8 +42,9 @@ def test_forward_all_reduces_belong_to_the_row_parallel_layers(p):
         assert [name for name, _ in fwd] == expected
         assert all(r.kind == "all_reduce" and r.shape == (B, T, config.n_embd) for _, r in fwd)
         bwd = trace.collectives("backward")  # the f in front of each column-parallel layer, last layer first
-        expected = [f"transformer.h.{i}.{name}" for i in reversed(range(config.n_layer))
-                    for name in ("mlp.c_fc", "attn.c_attn")]
+        expected = [
+            f"transformer.h.{i}.{name}" for i in reversed(range(config.n_layer)) for name in ("mlp.c_fc", "attn.c_attn")
+        ]
         assert [name for name, _ in bwd] == expected
         assert all(r.tag == "copy_to_parallel_region.backward" for _, r in bwd)
         assert trace.unattributed == []

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from tp_helpers import FLOAT32, FLOAT64
+from tputil import train as tr
 from tputil.comm import run_threads
 from tputil.model import GPT, GPTConfig
 from tputil.shard import shard_state_dict
 from tputil.tp_model import TPGPT
-from tputil import train as tr
 
 TINY = dict(block_size=32, vocab_size=256, n_layer=2, n_head=4, n_embd=32)  # p in {1, 2, 4} divides n_head
 RUN = dict(batch_size=4, lr=1e-3, seed=0)
@@ -48,6 +48,7 @@ def dense_train(dense, steps, run):
 
 # ------------------------------------------------------------------------------- the pieces
 
+
 def test_the_corpus_is_generated_deterministically_and_is_bytes():
     text = tr.corpus()
     assert text == tr.corpus() and text != tr.corpus(seed=1)
@@ -72,6 +73,7 @@ def test_the_batches_are_seeded_shifted_by_one_and_leave_the_global_rng_alone():
 
 # ------------------------------------------------------------------------ TP follows dense
 
+
 @pytest.fixture(scope="module")
 def dense_run():
     return dense_train(tiny_gpt(), STEPS, RUN)
@@ -90,8 +92,10 @@ def test_tp_loss_matches_the_dense_loss_at_every_step(p, dense_run):
     for r in ranks:
         assert r["losses"] == ranks[0]["losses"]  # every rank computes the same loss, bit for bit
     gaps = [abs(a - b) for a, b in zip(ranks[0]["losses"], dense_losses)]
-    print(f"p={p}: max |TP - dense| loss over {STEPS} steps = {max(gaps):.2e} (step {gaps.index(max(gaps))}), "
-          f"{dense_losses[0]:.3f} -> {dense_losses[-1]:.3f}")
+    print(
+        f"p={p}: max |TP - dense| loss over {STEPS} steps = {max(gaps):.2e} (step {gaps.index(max(gaps))}), "
+        f"{dense_losses[0]:.3f} -> {dense_losses[-1]:.3f}"
+    )
     for step, gap in enumerate(gaps):
         assert gap <= tr.loss_tolerance(torch.float32, step), (step, gap)
 

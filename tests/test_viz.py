@@ -17,10 +17,8 @@ def test_draw_partial_sums_has_two_boxes_per_device_and_one_all_reduce(p):
     fig = viz.draw_partial_sums(partials, terms=[f"term {r}" for r in range(p)], title="t")
     assert isinstance(fig, Figure)
     gids = _gids(fig)
-    assert sorted(g for g in gids if g.endswith("-before")) == sorted(
-        f"device{r}-before" for r in range(p))
-    assert sorted(g for g in gids if g.endswith("-after")) == sorted(
-        f"device{r}-after" for r in range(p))
+    assert sorted(g for g in gids if g.endswith("-before")) == sorted(f"device{r}-before" for r in range(p))
+    assert sorted(g for g in gids if g.endswith("-after")) == sorted(f"device{r}-after" for r in range(p))
     assert gids.count("all-reduce") == 1
     fig.canvas.draw()  # the figure renders without error
 
@@ -36,7 +34,7 @@ def test_draw_partial_sums_shows_the_all_reduced_total_on_every_device():
 def test_draw_partial_sums_shows_shapes_of_large_tensors_and_the_result_name():
     fig = viz.draw_partial_sums([torch.ones(4, 6), torch.ones(4, 6)], result="Y = XA")
     texts = [t.get_text() for t in fig.axes[0].texts]
-    assert texts.count("shape (4, 6)") == 4   # two partials, two totals
+    assert texts.count("shape (4, 6)") == 4  # two partials, two totals
     assert texts.count("Y = XA") == 2
 
 

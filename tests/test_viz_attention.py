@@ -13,8 +13,10 @@ def _gids(fig: Figure) -> list[str]:
 
 def test_c_attn_rows_takes_each_ranks_heads_from_q_k_and_v():
     # C = 8, 2 ranks: rank 0 holds the first half of each of q, k, v
-    assert c_attn_rows(24, 2, stride=3) == [[0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19],
-                                            [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]]
+    assert c_attn_rows(24, 2, stride=3) == [
+        [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19],
+        [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23],
+    ]
     assert c_attn_rows(24, 2, stride=1) == [list(range(12)), list(range(12, 24))]
 
 

@@ -34,9 +34,9 @@ def test_panels_show_the_computed_numbers():
     fig = vc.draw_collectives(xs, src=1)
     reduce_, gather, scatter, bcast = fig.axes
     assert _texts(reduce_).count("11") == 2 and _texts(reduce_).count("22") == 2
-    assert _texts(gather).count("20") == 1 + 2   # before on device 1, after on both
+    assert _texts(gather).count("20") == 1 + 2  # before on device 1, after on both
     assert _texts(scatter).count("11") == 1 and _texts(scatter).count("22") == 1
-    assert _texts(bcast).count("10") == 1 + 2    # src=1's tensor everywhere
+    assert _texts(bcast).count("10") == 1 + 2  # src=1's tensor everywhere
     assert "broadcast: every device: device 1's tensor" == bcast.get_title()
 
 
@@ -57,6 +57,7 @@ def test_refuses_what_it_cannot_draw():
 
 def test_timings_figure_has_measurements_model_and_both_regimes():
     from tputil.course import cost
+
     sizes = [4096 * 4**k for k in range(6)]
     times = [cost.ring_time("all_reduce", n, 2, latency=2e-4, bandwidth=4e8) for n in sizes]
     fig = vc.draw_all_reduce_timings(sizes, times, p=2, latency=2e-4, bandwidth=4e8, title="t")

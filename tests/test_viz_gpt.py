@@ -6,9 +6,9 @@ from matplotlib.figure import Figure
 
 from tp_helpers import make_gpt
 from tputil.comm import SingleGroup, run_threads
+from tputil.course.trace import trace_collectives
 from tputil.model import GPTConfig
 from tputil.tp_model import TPGPT
-from tputil.course.trace import trace_collectives
 from tputil.viz import gpt as viz_gpt
 
 
@@ -41,7 +41,8 @@ def test_block_figure_has_a_box_per_module_and_rank_and_a_bar_per_collective(p):
     for m in modules:
         assert gids.count(f"dense-transformer.h.1.{m}") == 1
         assert sorted(g for g in gids if g.startswith(f"transformer.h.1.{m}-device")) == [
-            f"transformer.h.1.{m}-device{r}" for r in range(p)]
+            f"transformer.h.1.{m}-device{r}" for r in range(p)
+        ]
     assert sorted(g for g in gids if g.startswith("forward-")) == ["forward-all_reduce-0", "forward-all_reduce-1"]
     assert sorted(g for g in gids if g.startswith("backward-")) == ["backward-all_reduce-0", "backward-all_reduce-1"]
     fig.canvas.draw()

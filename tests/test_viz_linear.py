@@ -19,8 +19,7 @@ def test_one_patch_per_rank_for_each_split_piece(p):
     assert isinstance(fig, Figure) and len(fig.axes) == 2
     gids = _gids(fig)
     for piece in ("column-A", "column-Y", "row-X", "row-A", "row-partial"):
-        assert sorted(g for g in gids if g.startswith(piece + "-")) == sorted(
-            f"{piece}-device{r}" for r in range(p))
+        assert sorted(g for g in gids if g.startswith(piece + "-")) == sorted(f"{piece}-device{r}" for r in range(p))
     fig.canvas.draw()
 
 

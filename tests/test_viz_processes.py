@@ -18,7 +18,8 @@ def test_launch_draws_the_parent_the_store_every_rank_and_every_link(p):
     assert gids.count("parent") == 1 and gids.count("store") == 1
     assert [g for g in gids if g.startswith("rank")] == [f"rank{r}" for r in range(p)]
     assert sorted(g for g in gids if g.startswith("link")) == sorted(
-        f"link{r}-{s}" for r in range(p) for s in range(r + 1, p))
+        f"link{r}-{s}" for r in range(p) for s in range(r + 1, p)
+    )
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert f"RANK={p - 1}  WORLD_SIZE={p}" in texts
     fig.canvas.draw()
@@ -30,8 +31,10 @@ def test_launch_refuses_too_many_ranks():
 
 
 def test_timeline_draws_each_pass_and_each_all_reduce():
-    passes = [dict(one_pass=0.008, all_reduces=[(0.001 * i, 0.001 * i + 0.0005) for i in range(8)]),
-              dict(one_pass=0.007, all_reduces=[(0.001 * i, 0.001 * i + 0.0002) for i in range(8)])]
+    passes = [
+        dict(one_pass=0.008, all_reduces=[(0.001 * i, 0.001 * i + 0.0005) for i in range(8)]),
+        dict(one_pass=0.007, all_reduces=[(0.001 * i, 0.001 * i + 0.0002) for i in range(8)]),
+    ]
     fig = vp.draw_timeline(passes, title="one forward")
     gids = _gids(fig)
     for r in range(2):

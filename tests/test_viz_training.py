@@ -33,15 +33,14 @@ def test_conjugate_pair_has_a_box_per_rank_and_one_all_reduce_per_pass(p):
     fig = draw_conjugate_pair(x, a, b, title="t")
     assert isinstance(fig, Figure)
     gids = _patch_gids(fig)
-    names = {"forward": ["X", "X-copy", "H", "Y-partial", "Y"],
-             "backward": ["dX", "dX-partial", "dH", "dY-copy", "dY"]}
+    names = {"forward": ["X", "X-copy", "H", "Y-partial", "Y"], "backward": ["dX", "dX-partial", "dH", "dY-copy", "dY"]}
     for phase, cols in names.items():
         for name in cols:
-            assert [g for g in gids if g.startswith(f"{phase}-{name}-device")] == \
-                [f"{phase}-{name}-device{r}" for r in range(p)]
+            assert [g for g in gids if g.startswith(f"{phase}-{name}-device")] == [
+                f"{phase}-{name}-device{r}" for r in range(p)
+            ]
     connectors = sorted(g for g in gids if g.endswith(("-identity", "-all-reduce")))
-    assert connectors == ["backward-f-all-reduce", "backward-g-identity", "forward-f-identity",
-                          "forward-g-all-reduce"]
+    assert connectors == ["backward-f-all-reduce", "backward-g-identity", "forward-f-identity", "forward-g-all-reduce"]
     labels = [t.get_text() for t in fig.axes[0].texts]
     assert f"(8, {32 // p})" in labels and "(8, 16)" in labels and "(8, 12)" in labels  # real shapes
     fig.canvas.draw()  # renders without error
@@ -61,11 +60,21 @@ def test_conjugate_pair_at_p1_has_no_all_reduce_and_rejects_shards_that_do_not_f
 
 def test_loss_curves_draw_every_run_its_gaps_and_the_tolerance():
     dense = [5.0 - 0.05 * s for s in range(20)]
-    ulp = 2.0 ** -22
+    ulp = 2.0**-22
     tp = {2: [v + (ulp if s % 3 == 0 else 0.0) for s, v in enumerate(dense)], 4: list(dense)}
     fig = draw_loss_curves(dense, tp, tolerance=lambda s: tr.loss_tolerance(torch.float32, s), title="t")
-    assert _line_gids(fig) == sorted(["loss-dense", "loss-tp-p2", "loss-tp-p4", "gap-tp-p2", "gap-tp-p4",
-                                      "gap-zero-tp-p2", "gap-zero-tp-p4", "tolerance"])
+    assert _line_gids(fig) == sorted(
+        [
+            "loss-dense",
+            "loss-tp-p2",
+            "loss-tp-p4",
+            "gap-tp-p2",
+            "gap-tp-p4",
+            "gap-zero-tp-p2",
+            "gap-zero-tp-p4",
+            "tolerance",
+        ]
+    )
     lines = {line.get_gid(): line for ax in fig.axes for line in ax.lines if line.get_gid()}
     assert len(lines["gap-tp-p2"].get_xdata()) == 7 and len(lines["gap-zero-tp-p2"].get_xdata()) == 13
     assert len(lines["gap-tp-p4"].get_xdata()) == 0 and len(lines["gap-zero-tp-p4"].get_xdata()) == 20

@@ -13,8 +13,11 @@ def _gids(fig):
 
 def test_layout_by_hand():
     # 67 at p = 3: padded to 69, 23 ids each, the last rank's two last ids are padding
-    assert [(r.start, r.end, r.real_end) for r in viz_vocab.vocab_layout(67, 3)] == [(0, 23, 23), (23, 46, 46),
-                                                                                   (46, 69, 67)]
+    assert [(r.start, r.end, r.real_end) for r in viz_vocab.vocab_layout(67, 3)] == [
+        (0, 23, 23),
+        (23, 46, 46),
+        (46, 69, 67),
+    ]
     # 5 at p = 4: padded to 8; rank 2 owns one token and one padding id, rank 3 only padding
     layout = viz_vocab.vocab_layout(5, 4)
     assert [(r.n_real, r.n_padding) for r in layout] == [(2, 0), (2, 0), (1, 1), (0, 2)]
@@ -34,8 +37,9 @@ def test_one_patch_per_rank_and_one_per_rank_with_padding():
     fig = viz_vocab.draw_vocab_split(67, [1, 2, 3, 4], title="t")
     assert isinstance(fig, Figure) and len(fig.axes) == 1
     gids = _gids(fig)
-    assert sorted(g for g in gids if "-device" in g) == sorted(f"p{p}-device{r}" for p in (1, 2, 3, 4)
-                                                                for r in range(p))
+    assert sorted(g for g in gids if "-device" in g) == sorted(
+        f"p{p}-device{r}" for p in (1, 2, 3, 4) for r in range(p)
+    )
     assert sorted(g for g in gids if "-padding" in g) == ["p2-padding1", "p3-padding2", "p4-padding3"]
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert "p = 3\nV_pad = 69" in texts and "2 padding ids" in texts and "no padding" in texts

@@ -11,15 +11,24 @@ import torch
 from hypothesis import given, strategies as st
 from torch.nn import functional as F
 
-from tp_helpers import DEGREES, FLOAT32, FLOAT64, PROPERTY, assert_no_close_calls, make_gpt
+from tp_helpers import DEGREES, FLOAT32, FLOAT64, PROPERTY, assert_grads_are_shards, assert_no_close_calls, make_gpt
 from tputil.comm import RankError, SingleGroup, run_threads
 from tputil.layers import ColumnParallelLinear, VocabParallelEmbedding
 from tputil.loss import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from tputil.model import GPTConfig
-from tputil.shard import (GPT_TP_PLAN, GPT_VOCAB_TP_PLAN, Replicate, VocabShard, gather_state_dict, pad_vocab_size,
-                          shard_shapes, shard_state_dict, vocab_parallel_plan, vocab_range)
-from tputil.tp_model import TPGPT
-from tputil.tp_model import VocabParallelTPGPT, param_counts_per_rank
+from tputil.shard import (
+    GPT_TP_PLAN,
+    GPT_VOCAB_TP_PLAN,
+    Replicate,
+    VocabShard,
+    gather_state_dict,
+    pad_vocab_size,
+    shard_shapes,
+    shard_state_dict,
+    vocab_parallel_plan,
+    vocab_range,
+)
+from tputil.tp_model import TPGPT, VocabParallelTPGPT, param_counts_per_rank
 
 B, T, C = 2, 16, 48
 
@@ -31,6 +40,7 @@ def shard_of(full, group, padded):
 
 
 # ---------------------------------------------------------------------------- padding
+
 
 def test_pad_vocab_size_by_hand():
     assert pad_vocab_size(50257, 1) == 50257  # one rank: nothing to split
@@ -54,6 +64,7 @@ def test_padding_is_the_smallest_multiple_and_the_ranges_tile_it(v, p, multiple)
 
 
 # ---------------------------------------------------------------------------- the embedding
+
 
 @pytest.mark.parametrize("p", DEGREES)
 @pytest.mark.parametrize("vocab", [64, 67, 5])
@@ -83,16 +94,18 @@ def test_embedding_matches_dense_with_one_all_reduce(p, vocab):
         assert m.bytes == ({} if p == 1 else {"all_reduce": B * T * C * 8})
 
 
-@pytest.mark.parametrize("vocab, p, multiple", [(67, 2, 1), (67, 3, 1), (67, 4, 1), (5, 4, 1), (10, 3, 1),
-                                                 (64, 3, 1), (60, 2, 8), (5, 2, 4)])
+@pytest.mark.parametrize(
+    "vocab, p, multiple", [(67, 2, 1), (67, 3, 1), (67, 4, 1), (5, 4, 1), (10, 3, 1), (64, 3, 1), (60, 2, 8), (5, 2, 4)]
+)
 def test_constructor_zeroes_every_padding_row_and_no_real_row(vocab, p, multiple):
     """The docstring's promise: rows beyond the vocabulary are zero, on every rank (a rank may own only padding)."""
     padded = pad_vocab_size(vocab, p, multiple=multiple)
     assert padded > vocab  # every case here has padding
 
     def fn(group):
-        emb = VocabParallelEmbedding(vocab, 8, group=group, padded_vocab_size=padded,
-                                     generator=torch.Generator().manual_seed(0))
+        emb = VocabParallelEmbedding(
+            vocab, 8, group=group, padded_vocab_size=padded, generator=torch.Generator().manual_seed(0)
+        )
         ids = torch.arange(emb.vocab_start, emb.vocab_end)  # (V_pad/p,) the global id of each local row
         return emb.weight.detach(), ids
 
@@ -110,9 +123,17 @@ def test_embedding_refuses_ids_outside_the_real_vocabulary():
 
 # ---------------------------------------------------------------------------- the cross-entropy
 
+
 @PROPERTY
-@given(p=st.sampled_from(DEGREES), vocab=st.integers(1, 20), multiple=st.sampled_from([1, 2]),
-       b=st.integers(1, 3), t=st.integers(1, 5), ignore=st.floats(0.0, 0.7), seed=st.integers(0, 999))
+@given(
+    p=st.sampled_from(DEGREES),
+    vocab=st.integers(1, 20),
+    multiple=st.sampled_from([1, 2]),
+    b=st.integers(1, 3),
+    t=st.integers(1, 5),
+    ignore=st.floats(0.0, 0.7),
+    seed=st.integers(0, 999),
+)
 def test_loss_and_gradients_equal_f_cross_entropy(p, vocab, multiple, b, t, ignore, seed):
     g = torch.Generator().manual_seed(seed)
     padded = pad_vocab_size(vocab, p, multiple=multiple)
@@ -130,7 +151,7 @@ def test_loss_and_gradients_equal_f_cross_entropy(p, vocab, multiple, b, t, igno
             loss = vocab_parallel_cross_entropy(shard, targets, group=group, vocab_start=start, vocab_size=vocab)
         with group.stats.measure() as bwd:
             loss.backward()
-        torch.testing.assert_close(shard.grad, full.grad[..., start:start + shard.size(-1)], **FLOAT64)
+        torch.testing.assert_close(shard.grad, full.grad[..., start : start + shard.size(-1)], **FLOAT64)
         return loss, fwd, bwd
 
     for loss, fwd, bwd in run_threads(fn, p):
@@ -155,7 +176,7 @@ def test_loss_in_float32_and_with_logits_that_would_overflow_exp(p):
         loss = vocab_parallel_cross_entropy(shard, targets, group=group, vocab_size=vocab)
         loss.backward()
         start = vocab_range(padded, group.rank, p)[0]
-        torch.testing.assert_close(shard.grad, full.grad[..., start:start + shard.size(-1)], **FLOAT32)
+        torch.testing.assert_close(shard.grad, full.grad[..., start : start + shard.size(-1)], **FLOAT32)
         return loss
 
     for loss in run_threads(fn, p):
@@ -192,8 +213,10 @@ def test_padding_must_be_masked_negative_control():
 
     def fn(group):
         shard = full.chunk(p, dim=-1)[group.rank]
-        return (vocab_parallel_cross_entropy(shard, targets, group=group, vocab_size=vocab),
-                vocab_parallel_cross_entropy(shard, targets, group=group))
+        return (
+            vocab_parallel_cross_entropy(shard, targets, group=group, vocab_size=vocab),
+            vocab_parallel_cross_entropy(shard, targets, group=group),
+        )
 
     for masked, unmasked in run_threads(fn, p):
         torch.testing.assert_close(masked, expected, **FLOAT64)
@@ -209,6 +232,7 @@ def test_loss_refuses_targets_outside_the_vocabulary():
 
 
 # ---------------------------------------------------------------------------- the argmax
+
 
 @pytest.mark.parametrize("p", DEGREES)
 @pytest.mark.parametrize("vocab", [67, 5])
@@ -235,6 +259,7 @@ def test_argmax_over_shards_equals_torch_argmax(p, vocab):
 
 # ---------------------------------------------------------------------------- the whole GPT
 
+
 @pytest.mark.parametrize("p", DEGREES)
 @pytest.mark.parametrize("vocab", [64, 67])
 def test_vocab_parallel_gpt_matches_dense_and_counts_its_collectives(p, vocab):
@@ -248,23 +273,21 @@ def test_vocab_parallel_gpt_matches_dense_and_counts_its_collectives(p, vocab):
     def fn(group):
         model = VocabParallelTPGPT.from_dense(dense, group=group)
         with group.stats.measure() as fwd:
-            out, l = model(idx, targets)
+            out, tp_loss = model(idx, targets)
         with group.stats.measure() as bwd:
-            l.backward()
-        expected = shard_state_dict(dense_grads, dense.config, group.rank, p, plan=GPT_VOCAB_TP_PLAN)
-        for name, q in model.named_parameters():
-            torch.testing.assert_close(q.grad, expected[name], **FLOAT32, msg=lambda m: f"{name}: {m}")
-        return out, model.gather_logits(out), l, fwd, bwd
+            tp_loss.backward()
+        assert_grads_are_shards(model, dense_grads, dense.config, group.rank, p, plan=GPT_VOCAB_TP_PLAN)
+        return out, model.gather_logits(out), tp_loss, fwd, bwd
 
-    for out, full, l, fwd, bwd in run_threads(fn, p):
+    for out, full, tp_loss, fwd, bwd in run_threads(fn, p):
         assert out.shape == (B, T, padded // p)  # the logits stay sharded over the vocabulary
         torch.testing.assert_close(full, logits, **FLOAT32)
-        torch.testing.assert_close(l, loss, **FLOAT32)
+        torch.testing.assert_close(tp_loss, loss, **FLOAT32)
         if p > 1:
             # embedding 1 + blocks 2 per layer, each B*T*C; the loss 3 of B*T; never a gather of the logits
             assert fwd.calls == {"all_reduce": 2 * n + 4}
             assert fwd.bytes == {"all_reduce": (2 * n + 1) * B * T * C * 4 + 3 * B * T * 4}
-            assert [r.tag for r in fwd.log][:2 * n + 1] == ["reduce_from_parallel_region.forward"] * (2 * n + 1)
+            assert [r.tag for r in fwd.log][: 2 * n + 1] == ["reduce_from_parallel_region.forward"] * (2 * n + 1)
             # backward: the head's f (dL/dx of B*T*C) and the two f's of every layer; the loss is local
             assert bwd.calls == {"all_reduce": 2 * n + 1}
 
@@ -305,7 +328,8 @@ def test_sampling_is_the_dense_models_given_equal_generators():
     kwargs = dict(greedy=False, temperature=0.8, top_k=20)
     expected = dense.generate(idx, 12, generator=torch.Generator().manual_seed(1), **kwargs)
     fn = lambda g: VocabParallelTPGPT.from_dense(dense, group=g).generate(  # noqa: E731
-        idx, 12, generator=torch.Generator().manual_seed(1), **kwargs)
+        idx, 12, generator=torch.Generator().manual_seed(1), **kwargs
+    )
     for out in run_threads(fn, 3):
         assert torch.equal(out, expected)
 
@@ -339,7 +363,7 @@ def test_weight_tying_survives_adamw_steps():
         assert not torch.equal(model.lm_head.weight, before)  # and it was updated
         start, end = vocab_range(padded, rank, p)
         torch.testing.assert_close(model.lm_head.weight.detach(), dense_tied[start:end], **FLOAT64)
-        padding = model.lm_head.weight[max(67 - start, 0):]  # zero gradient, so AdamW leaves it at 0
+        padding = model.lm_head.weight[max(67 - start, 0) :]  # zero gradient, so AdamW leaves it at 0
         assert torch.equal(padding, torch.zeros_like(padding))
     gathered = gather_state_dict([m.state_dict() for m, _, _ in results], dense.config, plan=GPT_VOCAB_TP_PLAN)
     for name, value in dense.state_dict().items():
@@ -347,6 +371,7 @@ def test_weight_tying_survives_adamw_steps():
 
 
 # ---------------------------------------------------------------------------- the plan and the state dict
+
 
 def test_the_vocab_plan_changes_only_the_two_vocabulary_tensors():
     assert list(GPT_VOCAB_TP_PLAN) == list(GPT_TP_PLAN)
@@ -379,24 +404,28 @@ def test_multiple_128_pads_more_and_still_matches_dense():
 
     def fn(group):
         model = VocabParallelTPGPT.from_dense(dense, group=group, multiple=128)
-        out, l = model(idx, targets)
-        return out.shape, model.gather_logits(out), l
+        out, tp_loss = model(idx, targets)
+        return out.shape, model.gather_logits(out), tp_loss
 
-    for shape, full, l in run_threads(fn, 2):
+    for shape, full, tp_loss in run_threads(fn, 2):
         assert shape == (B, T, 128)  # 67 -> 256 = 128 * 2 rows, 128 per rank
         torch.testing.assert_close(full, logits, **FLOAT32)
-        torch.testing.assert_close(l, loss, **FLOAT32)
+        torch.testing.assert_close(tp_loss, loss, **FLOAT32)
 
 
 def test_loading_a_replicated_head_shard_names_the_parameter():
     dense = make_gpt(vocab_size=67)
     shard = shard_state_dict(dense.state_dict(), dense.config, 0, 2)  # GPT_TP_PLAN: wte whole
-    with pytest.raises(RankError, match=r"rank 0: transformer.wte.weight: expected shape \(34, 48\) "
-                                        r"for a shard at p=2, got \(67, 48\)"):
+    with pytest.raises(
+        RankError,
+        match=r"rank 0: transformer.wte.weight: expected shape \(34, 48\) "
+        r"for a shard at p=2, got \(67, 48\)",
+    ):
         run_threads(lambda g: VocabParallelTPGPT.from_shard_state_dict(shard, dense.config, group=g), 2)
 
 
 # ---------------------------------------------------------------------------- memory
+
 
 def test_parameters_per_rank_at_gpt2_small():
     config = GPTConfig(vocab_size=50304, n_embd=768, n_layer=12, n_head=12, block_size=1024)
@@ -405,12 +434,23 @@ def test_parameters_per_rank_at_gpt2_small():
     dense = V * Cg + 1024 * Cg + L * per_layer + 2 * Cg
     assert dense == 124_475_904  # nanoGPT's "124M"
     # at p = 4 the blocks' matrices and sharded biases are split, layer norms and row-parallel biases are not
-    split_layer = (2 * 2 * Cg + (3 * Cg * Cg + 3 * Cg) // 4 + (Cg * Cg) // 4 + Cg
-                   + (4 * Cg * Cg + 4 * Cg) // 4 + (4 * Cg * Cg) // 4 + Cg)
+    split_layer = (
+        2 * 2 * Cg
+        + (3 * Cg * Cg + 3 * Cg) // 4
+        + (Cg * Cg) // 4
+        + Cg
+        + (4 * Cg * Cg + 4 * Cg) // 4
+        + (4 * Cg * Cg) // 4
+        + Cg
+    )
     rest = 1024 * Cg + L * split_layer + 2 * Cg
     counts = param_counts_per_rank(config, 4)
-    assert counts == {"dense": dense, "replicated_head": V * Cg + rest, "vocab_parallel": V * Cg // 4 + rest,
-                      "saved": V * Cg * 3 // 4}
+    assert counts == {
+        "dense": dense,
+        "replicated_head": V * Cg + rest,
+        "vocab_parallel": V * Cg // 4 + rest,
+        "saved": V * Cg * 3 // 4,
+    }
     assert counts["saved"] == 28_975_104  # 29M of a replicated-head rank's 60.7M parameters
     assert param_counts_per_rank(config, 1)["saved"] == 0
 
@@ -422,8 +462,10 @@ def test_parameter_counts_match_built_models(p):
     assert counts["dense"] == sum(q.numel() for q in dense.parameters())
 
     def fn(group):
-        return [sum(q.numel() for q in cls.from_dense(dense, group=group).parameters())  # tied: counted once
-                for cls in (TPGPT, VocabParallelTPGPT)]
+        return [
+            sum(q.numel() for q in cls.from_dense(dense, group=group).parameters())  # tied: counted once
+            for cls in (TPGPT, VocabParallelTPGPT)
+        ]
 
     for replicated, vocab in run_threads(fn, p):
         assert (replicated, vocab) == (counts["replicated_head"], counts["vocab_parallel"])
@@ -439,6 +481,7 @@ def test_class_plan_is_the_vocab_plan_for_the_default_multiple():
 
 # ---------------------------------------------------------------------------- one model, options choose the head
 
+
 def test_vocab_parallel_tpgpt_is_tpgpt_with_other_defaults():
     """One forward, one generate, one way to load: the chapter-10 name only sets vocab_parallel=True."""
     for name in ("forward", "generate", "loss", "argmax", "gather_logits", "from_dense", "from_shard_state_dict"):
@@ -446,8 +489,10 @@ def test_vocab_parallel_tpgpt_is_tpgpt_with_other_defaults():
     dense = make_gpt(vocab_size=67, n_layer=1)
 
     def fn(group):
-        return (VocabParallelTPGPT.from_dense(dense, group=group, multiple=4),
-                TPGPT.from_dense(dense, group=group, vocab_parallel=True, multiple=4))
+        return (
+            VocabParallelTPGPT.from_dense(dense, group=group, multiple=4),
+            TPGPT.from_dense(dense, group=group, vocab_parallel=True, multiple=4),
+        )
 
     for alias, model in run_threads(fn, 2):
         assert alias.plan == model.plan == vocab_parallel_plan(4)

@@ -14,7 +14,8 @@ exact-ish check is wanted we use float64 (noise about 1e-16) with FLOAT64.
 import torch
 from hypothesis import settings
 
-from tputil.model import GPT, GPTConfig
+from tputil.model import GPTConfig, untrained_gpt
+from tputil.shard import GPT_TP_PLAN, shard_state_dict
 
 FLOAT32 = dict(rtol=1e-5, atol=1e-5)
 FLOAT64 = dict(rtol=1e-12, atol=1e-12)
@@ -28,21 +29,19 @@ PROPERTY = settings(max_examples=20, deadline=None, database=None)
 
 
 def make_gpt(seed=0, dtype=torch.float32, **overrides):
-    """A dense GPT whose every parameter is random, biases and layer norms included.
+    """`model.untrained_gpt` of SMALL (with overrides), the blocks' weights at GPT-2's init, in dtype.
 
-    GPT-2's initialization zeroes the biases and sets the layer norms to 1, so a test at init
-    could not see a bias added twice or a norm weight sliced wrongly; we perturb them all.
+    Every bias and norm weight is random, so a test can see a bias added twice or a norm weight
+    sliced wrongly. It seeds the global generator: what a test draws after it is fixed.
     """
-    config = GPTConfig(**{**SMALL, **overrides})
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.05)
-            elif ".ln_" in name:
-                p.normal_(1.0, 0.1)
-    return model.to(dtype).eval()
+    return untrained_gpt(GPTConfig(**{**SMALL, **overrides}), seed, block_std=None).to(dtype)
+
+
+def assert_grads_are_shards(model, dense_grads, config, rank, p, *, plan=GPT_TP_PLAN):
+    """Every parameter's .grad on rank `rank` of p equals its shard of the dense gradients (FLOAT32)."""
+    expected = shard_state_dict(dense_grads, config, rank, p, plan=plan)
+    for name, q in model.named_parameters():
+        torch.testing.assert_close(q.grad, expected[name], **FLOAT32, msg=lambda m: f"{name}: {m}")
 
 
 def assert_no_close_calls(model, tokens, n_prompt):

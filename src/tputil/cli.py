@@ -8,16 +8,17 @@ Chapter 8 (real processes) and chapter 9 (training) run it. One process, or p un
     python -m tputil bench --sizes tiny mid gpt2                        # starts its own p processes
 
 Under torchrun each process reads RANK, WORLD_SIZE and LOCAL_RANK from the environment, joins the
-process group (gloo on CPU, NCCL with one GPU per process) and builds its slice of the same dense
-GPT (`TPGPT.from_dense`, seeded init); only rank 0 prints, and rank 0 also runs the dense model on
-the same batches, as the reference. Bad input (a degree that does not divide the heads, ...) is
-caught by every rank before any communication: each exits with code 2, rank 0 saying what to
-change (torchrun itself then exits with 1). `train` exits with 1 if the TP loss leaves the dense
-loss by more than `train.loss_tolerance`; `generate` if the two greedy continuations of the
-same weights (--steps 0) differ by more than a near-tie. After training they usually agree but
-need not: the weights then differ by rounding that training amplified (see `train.loss_tolerance`;
-p = 1 included, since the row-parallel bias is added in an op of its own), and a near-tie between
-two bytes can go either way. That case is reported, with exit code 0.
+process group (gloo on CPU, NCCL with one GPU per process) and builds its slice of the same seeded
+dense GPT (`TPGPT.from_dense`); only rank 0 prints, and rank 0 also runs the dense model on the
+same batches, as the reference.
+
+Exit codes: 2 for bad input (a degree that does not divide the heads, ...), found by every rank
+before any communication, rank 0 saying what to change (torchrun itself then exits with 1).
+1 when `train`'s TP loss leaves the dense loss by more than `train.loss_tolerance`, or when
+`generate --steps 0` (the same weights) continues the prompt differently from the dense model
+beyond a near-tie. After training, a different continuation is reported with exit code 0:
+training amplifies rounding (at p = 1 too: the row-parallel bias is added in an op of its own),
+and a near-tie can then go either way.
 """
 
 import argparse
@@ -33,7 +34,7 @@ from . import train as tr
 from .comm import DistGroup, ShmGroup, SingleGroup
 from .launch import available_cpus, default_backend, environment, select_device
 from .model import GPT, GPTConfig
-from .shard import divisors
+from .shard import valid_degrees
 from .tp_model import TPGPT, VocabParallelTPGPT
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -57,56 +58,86 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tputil",
         description="Megatron-style tensor parallelism on a nanoGPT-style GPT, checked against the dense model. "
-                    "Runs as one process (p = 1) or as p processes under "
-                    "`torchrun --standalone --nproc-per-node p -m tputil ...`.")
+        "Runs as one process (p = 1) or as p processes under "
+        "`torchrun --standalone --nproc-per-node p -m tputil ...`.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,bench}")
     common = argparse.ArgumentParser(add_help=False)
     model = common.add_argument_group("model (vocab_size 256: one token per byte)")
     model.add_argument("--n-layer", type=_positive_int, default=2, help="transformer blocks (default 2)")
-    model.add_argument("--n-head", type=_positive_int, default=4,
-                       help="attention heads; p must divide it (default 4)")
-    model.add_argument("--n-embd", type=_positive_int, default=64,
-                       help="channels C; a multiple of --n-head (default 64)")
+    model.add_argument("--n-head", type=_positive_int, default=4, help="attention heads; p must divide it (default 4)")
+    model.add_argument(
+        "--n-embd", type=_positive_int, default=64, help="channels C; a multiple of --n-head (default 64)"
+    )
     model.add_argument("--block-size", type=_positive_int, default=64, help="context length T (default 64)")
     run = common.add_argument_group("run")
     run.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per batch B (default 8)")
     run.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     run.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batches (default 0)")
     run.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="(default float32)")
-    run.add_argument("--backend", choices=["gloo", "nccl"], default=None,
-                     help="torch.distributed backend under torchrun (default: nccl if every process can have its own "
-                          "GPU, else gloo)")
-    run.add_argument("--vocab-parallel", action="store_true",
-                     help="shard the embedding, the tied head and the loss over the vocabulary (chapter 10) "
-                          "instead of replicating them")
-    run.add_argument("--shm", action="store_true",
-                     help="all-reduce through shared memory instead of gloo's sockets (CPU processes on one machine; "
-                          "chapter 8)")
-    run.add_argument("--timeout", type=float, default=60.0,
-                     help="seconds a rank waits for the others (start-up, each collective) (default 60)")
+    run.add_argument(
+        "--backend",
+        choices=["gloo", "nccl"],
+        default=None,
+        help="torch.distributed backend under torchrun (default: nccl if every process can have its own "
+        "GPU, else gloo)",
+    )
+    run.add_argument(
+        "--vocab-parallel",
+        action="store_true",
+        help="shard the embedding, the tied head and the loss over the vocabulary (chapter 10) "
+        "instead of replicating them",
+    )
+    run.add_argument(
+        "--shm",
+        action="store_true",
+        help="all-reduce through shared memory instead of gloo's sockets (CPU processes on one machine; chapter 8)",
+    )
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds a rank waits for the others (start-up, each collective) (default 60)",
+    )
 
-    p_train = commands.add_parser("train", parents=[common], help="train the TP model, the dense loss side by side",
-                                  description="Train the tensor-parallel GPT with AdamW on a generated corpus and "
-                                              "print its loss next to the dense model's at every step.")
+    p_train = commands.add_parser(
+        "train",
+        parents=[common],
+        help="train the TP model, the dense loss side by side",
+        description="Train the tensor-parallel GPT with AdamW on a generated corpus and "
+        "print its loss next to the dense model's at every step.",
+    )
     p_train.add_argument("--steps", type=_positive_int, default=50, help="training steps (default 50)")
     p_train.set_defaults(func=cmd_train)
 
-    p_gen = commands.add_parser("generate", parents=[common], help="greedy text from the TP model, vs the dense",
-                                description="Optionally train both models first, then continue a prompt greedily "
-                                            "with the tensor-parallel GPT and compare with the dense GPT.")
+    p_gen = commands.add_parser(
+        "generate",
+        parents=[common],
+        help="greedy text from the TP model, vs the dense",
+        description="Optionally train both models first, then continue a prompt greedily "
+        "with the tensor-parallel GPT and compare with the dense GPT.",
+    )
     p_gen.add_argument("--prompt", default="The rank ", help="text to continue (default 'The rank ')")
     p_gen.add_argument("--new-tokens", type=_positive_int, default=48, help="bytes to generate (default 48)")
-    p_gen.add_argument("--steps", type=_non_negative_int, default=200,
-                       help="training steps before generating; 0 for the untrained model (default 200)")
+    p_gen.add_argument(
+        "--steps",
+        type=_non_negative_int,
+        default=200,
+        help="training steps before generating; 0 for the untrained model (default 200)",
+    )
     p_gen.set_defaults(func=cmd_generate)
 
     # bench's own options are parsed by tputil.bench.run, imported only when this command runs
-    commands.add_parser("bench", add_help=False, help="time dense, ours and PyTorch's TP side by side "
-                                                      "(`python -m tputil bench --help` for its options)")
+    commands.add_parser(
+        "bench",
+        add_help=False,
+        help="time dense, ours and PyTorch's TP side by side (`python -m tputil bench --help` for its options)",
+    )
     return parser
 
 
 # ---------------------------------------------------------------------------------- set-up
+
 
 class Context:
     """Who this process is (rank, p, device), its group, and a print that only rank 0 uses."""
@@ -134,19 +165,24 @@ def _usage_error(parser, rank, message, *, every_rank=True):
 def check_arguments(args, world_size) -> GPTConfig:
     """The config for these arguments at degree world_size, or a ValueError saying what to change."""
     try:
-        config = GPTConfig(block_size=args.block_size, vocab_size=256, n_layer=args.n_layer, n_head=args.n_head,
-                           n_embd=args.n_embd)
+        config = GPTConfig(
+            block_size=args.block_size, vocab_size=256, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd
+        )
     except ValueError as exc:
         raise ValueError(f"{exc} (flags --n-embd and --n-head)") from None
-    if config.n_head % world_size != 0:
-        fits = [d for d in divisors(config.n_head) if d <= 64]
-        raise ValueError(f"--n-head {config.n_head} cannot be split over p={world_size} processes: the heads are "
-                         f"divided between the ranks, so p must divide the number of heads. Run with "
-                         f"--nproc-per-node in {fits}, or choose --n-head (and --n-embd) a multiple of {world_size}")
+    if world_size not in valid_degrees(config):  # the package's rule: p divides n_head
+        fits = valid_degrees(config, max_p=64)
+        raise ValueError(
+            f"--n-head {config.n_head} cannot be split over p={world_size} processes: the heads are "
+            f"divided between the ranks, so p must divide the number of heads. Run with "
+            f"--nproc-per-node in {fits}, or choose --n-head (and --n-embd) a multiple of {world_size}"
+        )
     corpus_size = len(tr.corpus())
     if config.block_size >= corpus_size:
-        raise ValueError(f"--block-size {config.block_size} is too long for the {corpus_size}-byte corpus: "
-                         f"use at most {corpus_size - 1}")
+        raise ValueError(
+            f"--block-size {config.block_size} is too long for the {corpus_size}-byte corpus: "
+            f"use at most {corpus_size - 1}"
+        )
     if args.backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("--backend nccl needs CUDA GPUs, and none is available: use --backend gloo")
     if getattr(args, "prompt", None) == "":
@@ -166,11 +202,19 @@ def setup(args, parser):
         torch.set_num_threads(max(1, available_cpus() // env.local_world_size))  # the processes share the cores
     backend = args.backend or default_backend(env.local_world_size)  # nccl if each process has a GPU
     if args.shm and backend != "gloo":
-        _usage_error(parser, rank, f"--shm joins CPU processes, but the backend is {backend} (GPUs): drop --shm, "
-                                   "or add --backend gloo")
+        _usage_error(
+            parser,
+            rank,
+            f"--shm joins CPU processes, but the backend is {backend} (GPUs): drop --shm, or add --backend gloo",
+        )
     if backend == "nccl" and local_rank >= torch.cuda.device_count():
-        _usage_error(parser, rank, f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
-                                   f"use fewer processes per node, or --backend gloo", every_rank=False)
+        _usage_error(
+            parser,
+            rank,
+            f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
+            f"use fewer processes per node, or --backend gloo",
+            every_rank=False,
+        )
     device = select_device(backend, local_rank)
     if env.launched:
         dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout))
@@ -190,23 +234,30 @@ def build_models(config, args, ctx):
 
 
 def describe(config, args, ctx, dense):
-    ctx.say(f"model: GPT n_layer={config.n_layer} n_head={config.n_head} n_embd={config.n_embd} "
-            f"block_size={config.block_size} vocab_size={config.vocab_size} ({dense.num_params():,} parameters), "
-            f"{args.dtype}")
-    ctx.say(f"tensor parallel over p={ctx.world_size} process(es), backend {ctx.backend}; the dense reference "
-            f"runs on rank 0")
+    ctx.say(
+        f"model: GPT n_layer={config.n_layer} n_head={config.n_head} n_embd={config.n_embd} "
+        f"block_size={config.block_size} vocab_size={config.vocab_size} ({dense.num_params():,} parameters), "
+        f"{args.dtype}"
+    )
+    ctx.say(
+        f"tensor parallel over p={ctx.world_size} process(es), backend {ctx.backend}; the dense reference "
+        f"runs on rank 0"
+    )
     if args.vocab_parallel:
         ctx.say("vocabulary parallel: the embedding, the tied head and the loss are sharded over the vocabulary")
 
 
 # ------------------------------------------------------------------------------- commands
 
+
 def cmd_train(args, config, ctx) -> int:
     dense, model = build_models(config, args, ctx)
     run = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     describe(config, args, ctx, dense)
-    ctx.say(f"data: generated corpus ({len(tr.corpus())} bytes), batches of {args.batch_size} x {config.block_size} "
-            f"tokens (seed {args.seed}); AdamW lr={args.lr}")
+    ctx.say(
+        f"data: generated corpus ({len(tr.corpus())} bytes), batches of {args.batch_size} x {config.block_size} "
+        f"tokens (seed {args.seed}); AdamW lr={args.lr}"
+    )
     dense_losses = tr.train(dense, args.steps, **run) if ctx.rank == 0 else None  # the reference, first
     dtype, digits = DTYPES[args.dtype], (7 if args.dtype == "float32" else 13)
     width = digits + 4
@@ -228,17 +279,26 @@ def cmd_train(args, config, ctx) -> int:
     bad = [s for s in range(args.steps) if gaps[s] > tr.loss_tolerance(dtype, s)]
     calls, nbytes = comm[-1].calls.get("all_reduce", 0), comm[-1].bytes.get("all_reduce", 0)
     tolerance = "1e-12" if dtype == torch.float64 else "5e-6 + 1e-7 per step"
-    ctx.say(f"summary: {args.steps} steps; TP loss {losses[0]:.4f} -> {losses[-1]:.4f}, dense "
-            f"{dense_losses[0]:.4f} -> {dense_losses[-1]:.4f}; largest |TP - dense| = {gaps[worst]:.1e} "
-            f"(step {worst + 1}), tolerance {tolerance}")
-    where = (f"4 per layer and {calls - 4 * config.n_layer} for the embedding, head and loss" if args.vocab_parallel
-             else f"{calls / config.n_layer:g} per layer")
-    ctx.say(f"communication per training step on each rank: {calls} all-reduces ({where}), "
-            f"{nbytes / 2**20:.2f} MiB; {1000 * seconds:.1f} ms per TP step")
+    ctx.say(
+        f"summary: {args.steps} steps; TP loss {losses[0]:.4f} -> {losses[-1]:.4f}, dense "
+        f"{dense_losses[0]:.4f} -> {dense_losses[-1]:.4f}; largest |TP - dense| = {gaps[worst]:.1e} "
+        f"(step {worst + 1}), tolerance {tolerance}"
+    )
+    where = (
+        f"4 per layer and {calls - 4 * config.n_layer} for the embedding, head and loss"
+        if args.vocab_parallel
+        else f"{calls / config.n_layer:g} per layer"
+    )
+    ctx.say(
+        f"communication per training step on each rank: {calls} all-reduces ({where}), "
+        f"{nbytes / 2**20:.2f} MiB; {1000 * seconds:.1f} ms per TP step"
+    )
     if bad:
-        ctx.say(f"MISMATCH: the TP loss left the dense loss at {len(bad)} step(s), first at step {bad[0] + 1}. "
-                f"A gap at the first steps is a bug; one that appears late and then grows fast is training "
-                f"amplifying rounding, as at a large learning rate (try a smaller --lr; see train.loss_tolerance)")
+        ctx.say(
+            f"MISMATCH: the TP loss left the dense loss at {len(bad)} step(s), first at step {bad[0] + 1}. "
+            f"A gap at the first steps is a bug; one that appears late and then grows fast is training "
+            f"amplifying rounding, as at a large learning rate (try a smaller --lr; see train.loss_tolerance)"
+        )
         return 1
     ctx.say(f"OK: the TP loss matched the dense loss at every step, within the {args.dtype} tolerance")
     return 0
@@ -256,10 +316,10 @@ def cmd_generate(args, config, ctx) -> int:
         ctx.say(f"TP loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     idx = tr.encode(args.prompt)[None, :].to(ctx.device)  # (1, T)
     model.eval()
-    out = model.generate(idx, args.new_tokens)[0, idx.size(1):]  # every rank: each token communicates
+    out = model.generate(idx, args.new_tokens)[0, idx.size(1) :]  # every rank: each token communicates
     if ctx.rank != 0:
         return 0
-    reference = dense.eval().generate(idx, args.new_tokens)[0, idx.size(1):]
+    reference = dense.eval().generate(idx, args.new_tokens)[0, idx.size(1) :]
     ctx.say(f"prompt: {args.prompt!r}")
     ctx.say(f"TP continuation ({args.new_tokens} bytes, greedy): {tr.decode(out)!r}")
     if torch.equal(out, reference):
@@ -268,17 +328,21 @@ def cmd_generate(args, config, ctx) -> int:
     first = int((out != reference).nonzero()[0])
     ctx.say(f"DIFFERENT from the dense model's from byte {first + 1} on: {tr.decode(reference)!r}")
     if args.steps:  # not necessarily a bug: see the module docstring
-        ctx.say(f"after {args.steps} training steps the two models' weights differ by rounding that training "
-                f"amplified (a lot at a large --lr), which can flip a near-tie; with --steps 0 they must agree")
+        ctx.say(
+            f"after {args.steps} training steps the two models' weights differ by rounding that training "
+            f"amplified (a lot at a large --lr), which can flip a near-tie; with --steps 0 they must agree"
+        )
         return 0
     # the same weights: only a near-tie, two logits within rounding, may go either way
-    context = torch.cat([idx[0], reference[:first]])[None, -config.block_size:]  # (1, <= T)
+    context = torch.cat([idx[0], reference[:first]])[None, -config.block_size :]  # (1, <= T)
     with torch.no_grad():
         logits = dense(context)[0][0, -1]  # (V,) the dense model's logits for the differing byte
     margin = (logits[reference[first]] - logits[out[first]]).abs().item()
     tie = margin <= (1e-4 if args.dtype == "float32" else 1e-10) * logits.abs().max().item()
-    ctx.say(f"the dense logits of the two bytes differ by {margin:.1e}: " +
-            ("a near-tie within rounding, not a bug" if tie else "more than rounding can explain: a bug"))
+    ctx.say(
+        f"the dense logits of the two bytes differ by {margin:.1e}: "
+        + ("a near-tie within rounding, not a bug" if tie else "more than rounding can explain: a bug")
+    )
     return 0 if tie else 1
 
 
@@ -287,8 +351,9 @@ def main(argv=None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            parser.error("bench starts its own processes: run it once, as `python -m tputil bench --p N`, "
-                         "not under torchrun")
+            parser.error(
+                "bench starts its own processes: run it once, as `python -m tputil bench --p N`, not under torchrun"
+            )
         from .bench.run import main as bench_main  # the benchmark, and PyTorch's DTensor, only here
 
         return bench_main(rest, prog="python -m tputil bench")
@@ -300,4 +365,3 @@ def main(argv=None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-

@@ -21,18 +21,13 @@ What can go wrong, and what the caller sees (tests/test_launch_faults.py checks 
   after `timeout` seconds for the whole call.
 In every case all the children are stopped before the call returns or raises.
 
-How. The children are plain subprocesses (not multiprocessing: no resource tracker, no tensors in
-multiprocessing's shared memory), each the leader of its own process group, so stopping a rank
-(SIGTERM, then SIGKILL) also stops anything it started. Nothing pickled goes through a socket:
-the job (fn and args, pickled, length-prefixed) goes to each child over its stdin, a pipe from the
-parent, and each rank's result or error comes back, pickled, over a pipe of its own (a file
-descriptor the child inherits), read by a thread in the parent. So the parent unpickles only what
-its own children wrote, and the children only what the parent wrote. The parent also hosts the
-rendezvous store that torch.distributed needs, on a socket it binds to 127.0.0.1 itself (port 0:
-the OS picks a free one, so concurrent calls never collide); the store carries only the
-rendezvous, and listens on the loopback interface alone. The parent keeps each child's stdin open:
-the child watches it and exits at end of file, that is, when the parent dies. What a rank prints is
-shown here as "[rank r] ..." lines; its stderr is kept for error messages.
+How. Each child is a plain subprocess (not multiprocessing), the leader of its own process group,
+so stopping a rank (SIGTERM, then SIGKILL) stops what it started too. The job (fn and args,
+pickled) goes to each child through its stdin, and its result or error comes back pickled through
+a pipe of its own: the parent unpickles only what its children wrote, a child only what the parent
+wrote. The rendezvous store listens on 127.0.0.1 alone, on a port the OS picks, and carries only
+the rendezvous. A child exits when its stdin closes, that is, when the parent dies. What a rank
+prints is shown as "[rank r] ..." lines; its stderr is kept for error messages.
 """
 
 import json
@@ -58,8 +53,10 @@ from .comm import DistGroup, RankError, ShmGroup
 
 _SPEC_ENV = "TPUTIL_LAUNCH_SPEC"
 # the child first takes the parent's sys.path (so it finds what the parent finds), then starts
-_BOOT = (f"import json, os, sys; sys.path[:] = json.loads(os.environ['{_SPEC_ENV}'])['sys_path']; "
-         f"from tputil.launch import _child_main; _child_main()")
+_BOOT = (
+    f"import json, os, sys; sys.path[:] = json.loads(os.environ['{_SPEC_ENV}'])['sys_path']; "
+    f"from tputil.launch import _child_main; _child_main()"
+)
 _GRACE = 1.0  # s: after a rank fails in a collective, how long to look for the rank that caused it
 _TAIL = 40  # lines of each rank's output kept for error messages
 _POLL = 0.01  # s between two looks at the ranks
@@ -96,8 +93,13 @@ def environment() -> RankEnvironment:
     """Read RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun sets them (rank 0 of 1 without them)."""
     env = os.environ
     world_size = int(env.get("WORLD_SIZE", 1))
-    return RankEnvironment(int(env.get("RANK", 0)), world_size, int(env.get("LOCAL_RANK", 0)),
-                           int(env.get("LOCAL_WORLD_SIZE", world_size)), "RANK" in env)
+    return RankEnvironment(
+        int(env.get("RANK", 0)),
+        world_size,
+        int(env.get("LOCAL_RANK", 0)),
+        int(env.get("LOCAL_WORLD_SIZE", world_size)),
+        "RANK" in env,
+    )
 
 
 def select_device(backend: str, local_rank: int) -> torch.device:
@@ -139,9 +141,11 @@ def _check_importable(fn):
     main_has_file = hasattr(sys.modules.get("__main__"), "__file__")
     name = getattr(fn, "__qualname__", "")
     if "<" in name or (getattr(fn, "__module__", None) == "__main__" and not main_has_file):
-        raise ValueError(f"run_processes needs a function the child processes can import, but {name or fn!r} "
-                         f"is defined in a notebook cell, inside a function or as a lambda: define it at "
-                         f"module level in a .py file and import it")
+        raise ValueError(
+            f"run_processes needs a function the child processes can import, but {name or fn!r} "
+            f"is defined in a notebook cell, inside a function or as a lambda: define it at "
+            f"module level in a .py file and import it"
+        )
 
 
 class _UnguardedCall(RuntimeError):
@@ -154,10 +158,11 @@ def _check_not_loading_main():
         kind, target = _loading_main
         script = target if kind == "path" else f"the module {target}"
         raise _UnguardedCall(
-            f"run_processes was called from the top level of {script}, without an `if __name__ == \"__main__\":` "
+            f'run_processes was called from the top level of {script}, without an `if __name__ == "__main__":` '
             f"guard. Each child process runs that script's top-level code to find the function it must run, "
             f"so there the call would start processes again, without end. Put the call to run_processes "
-            f"(and whatever should run only once) under `if __name__ == \"__main__\":`")
+            f'(and whatever should run only once) under `if __name__ == "__main__":`'
+        )
 
 
 def _main_to_load(fn):
@@ -188,15 +193,22 @@ def _loopback_store(timeout: float):
         raise
     fd = sock.detach()
     try:
-        return dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
-                             timeout=timedelta(seconds=timeout), master_listen_fd=fd,
-                             use_libuv=_LIBUV_TAKES_A_SOCKET)
+        return dist.TCPStore(
+            "127.0.0.1",
+            port,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=timeout),
+            master_listen_fd=fd,
+            use_libuv=_LIBUV_TAKES_A_SOCKET,
+        )
     except BaseException:
         os.close(fd)
         raise
 
 
 # ------------------------------------------------------------------------------- one child process
+
 
 class _Rank:
     """One child process, started at once: its job written to its stdin, its output and its result
@@ -209,22 +221,36 @@ class _Rank:
         p = spec["world_size"]
         result_r, result_w = os.pipe()  # the rank writes its result into result_w, its own copy
         try:
-            env = {**os.environ, _SPEC_ENV: json.dumps({**spec, "rank": rank, "result_fd": result_w}),
-                   "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(spec["threads"]), "RANK": str(rank),
-                   "LOCAL_RANK": str(rank), "WORLD_SIZE": str(p), "LOCAL_WORLD_SIZE": str(p),
-                   "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": str(spec["port"])}  # torchrun's variables too, for code that reads them
-            self.proc = subprocess.Popen([sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, env=env, start_new_session=True,
-                                         pass_fds=(result_w,))
+            env = {
+                **os.environ,
+                _SPEC_ENV: json.dumps({**spec, "rank": rank, "result_fd": result_w}),
+                "PYTHONUNBUFFERED": "1",
+                "OMP_NUM_THREADS": str(spec["threads"]),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(p),
+                "LOCAL_WORLD_SIZE": str(p),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(spec["port"]),
+            }  # torchrun's variables too, for code that reads them
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _BOOT],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+                pass_fds=(result_w,),
+            )
         except BaseException:
             os.close(result_r)
             raise
         finally:
             os.close(result_w)  # the child holds the only copy left
-        self.readers = [threading.Thread(target=self._read, args=(self.proc.stdout, sys.stdout if echo else None),
-                                         daemon=True),
-                        threading.Thread(target=self._read, args=(self.proc.stderr, None), daemon=True)]
+        self.readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, sys.stdout if echo else None), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, None), daemon=True),
+        ]
         self.receiver = threading.Thread(target=self._receive, args=(result_r,), daemon=True)
         # a large job fills the pipe before the child reads it: write it from a thread, so that the
         # ranks start side by side. stdin stays open: the child exits when it closes.
@@ -298,8 +324,17 @@ def _stop(ranks, grace: float = 2.0):
 
 # ----------------------------------------------------------------------------- the parent's side
 
-def run_processes(fn, world_size: int, *args, backend: str | None = None, timeout: float = 60.0,
-                  collective_timeout: float = 30.0, echo: bool = True, shm: bool = False) -> list:
+
+def run_processes(
+    fn,
+    world_size: int,
+    *args,
+    backend: str | None = None,
+    timeout: float = 60.0,
+    collective_timeout: float = 30.0,
+    echo: bool = True,
+    shm: bool = False,
+) -> list:
     """fn(DistGroup(), *args) on world_size new processes; returns each rank's result, in rank order.
 
     backend None picks `default_backend(world_size)`. Tensors in the results come back on the CPU.
@@ -317,11 +352,19 @@ def run_processes(fn, world_size: int, *args, backend: str | None = None, timeou
     collective_timeout = min(collective_timeout, timeout)
     job = _frame(pickle.dumps((fn, args)))
     store = _loopback_store(timeout)  # the rendezvous only: nothing read from it is unpickled
-    spec = dict(world_size=world_size, port=store.port, backend=backend, timeout=timeout,
-                collective_timeout=collective_timeout, sys_path=sys.path, main=_main_to_load(fn), shm=shm,
-                # the ranks share the cores: each gets its share of intra-op threads (as torchrun does),
-                # or their thread teams spin against each other and small ops slow down a hundredfold
-                threads=max(1, available_cpus() // world_size))
+    spec = dict(
+        world_size=world_size,
+        port=store.port,
+        backend=backend,
+        timeout=timeout,
+        collective_timeout=collective_timeout,
+        sys_path=sys.path,
+        main=_main_to_load(fn),
+        shm=shm,
+        # the ranks share the cores: each gets its share of intra-op threads (as torchrun does),
+        # or their thread teams spin against each other and small ops slow down a hundredfold
+        threads=max(1, available_cpus() // world_size),
+    )
     ranks = []
     try:
         for r in range(world_size):
@@ -356,10 +399,12 @@ def _collect(ranks, timeout, collective_timeout):
                 raise _explain(ranks, done, failed, collective_timeout)
         if time.monotonic() > deadline:
             waiting = [r.rank for r in ranks if r.rank not in done]
-            raise TimeoutError(f"run_processes timed out after {timeout}s: ranks {waiting} of {p} did not finish "
-                               f"(ranks {sorted(done)} returned). A rank waiting inside a collective fails after "
-                               f"collective_timeout={collective_timeout}s; one stuck outside any (an endless loop, "
-                               f"a sleep) is stopped only by this timeout")
+            raise TimeoutError(
+                f"run_processes timed out after {timeout}s: ranks {waiting} of {p} did not finish "
+                f"(ranks {sorted(done)} returned). A rank waiting inside a collective fails after "
+                f"collective_timeout={collective_timeout}s; one stuck outside any (an endless loop, "
+                f"a sleep) is stopped only by this timeout"
+            )
         time.sleep(_POLL)
     return [done[r] for r in range(p)]
 
@@ -379,8 +424,9 @@ def _describe(event) -> str:
 def _explain(ranks, done, failed, collective_timeout) -> RankError:
     """One RankError about the likeliest cause: a rank that died, then one that raised by itself."""
     order = {"died": 0, "own": 1, "timeout": 2, "comm": 3}
-    cause = min(failed, key=lambda k: (order[failed[k][0] if failed[k][0] == "died" else failed[k][1]],
-                                       list(failed).index(k)))
+    cause = min(
+        failed, key=lambda k: (order[failed[k][0] if failed[k][0] == "died" else failed[k][1]], list(failed).index(k))
+    )
     event, p = failed[cause], len(ranks)
     if event[0] == "died":
         text = f"rank {cause} of {p} {_describe(event)}"
@@ -391,9 +437,11 @@ def _explain(ranks, done, failed, collective_timeout) -> RankError:
     elif event[1] == "own":
         text = f"rank {cause} of {p} failed:\n{event[2]}"
     elif event[1] == "timeout":
-        text = (f"rank {cause} of {p} timed out after collective_timeout={collective_timeout}s waiting in a "
-                f"collective that the other ranks did not join; every rank must call the same collectives in "
-                f"the same order:\n{event[2]}")
+        text = (
+            f"rank {cause} of {p} timed out after collective_timeout={collective_timeout}s waiting in a "
+            f"collective that the other ranks did not join; every rank must call the same collectives in "
+            f"the same order:\n{event[2]}"
+        )
     else:
         text = f"rank {cause} of {p} failed in a collective:\n{event[2]}"
     others = []
@@ -409,12 +457,15 @@ def _explain(ranks, done, failed, collective_timeout) -> RankError:
     if others:
         text += "\nThe other ranks: " + "; ".join(others) + "."
     if event[0] != "died" and event[1] == "comm" and done:
-        text += (f"\nRanks {sorted(done)} returned while rank {cause} was in a collective: did they skip a "
-                 f"collective that it was waiting in?")
+        text += (
+            f"\nRanks {sorted(done)} returned while rank {cause} was in a collective: did they skip a "
+            f"collective that it was waiting in?"
+        )
     return RankError(cause, text)
 
 
 # ------------------------------------------------------------------------------ the child's side
+
 
 def _failure_kind(exc) -> str:
     """'timeout' or 'comm' for errors of the communication layer, 'own' for the rank's own errors."""
@@ -422,9 +473,12 @@ def _failure_kind(exc) -> str:
         return "unguarded"
     text = str(exc)
     comm = isinstance(exc, getattr(dist, "DistError", ())) or (
-        isinstance(exc, RuntimeError) and any(s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed",
-                                                                  "Connection reset", "ProcessGroup",
-                                                                  "ShmGroup")))
+        isinstance(exc, RuntimeError)
+        and any(
+            s in text
+            for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "ProcessGroup", "ShmGroup")
+        )
+    )
     if not comm:
         return "own"
     return "timeout" if "Timed out" in text or "timed out" in text else "comm"
@@ -441,10 +495,14 @@ def _load_main(kind, target):
     global _loading_main
     import runpy
     import types
+
     _loading_main = (kind, target)  # a call of run_processes meanwhile comes from the script's top level
     try:
-        namespace = (runpy.run_path(target, run_name="__mp_main__") if kind == "path"
-                     else runpy.run_module(target, run_name="__mp_main__", alter_sys=False))
+        namespace = (
+            runpy.run_path(target, run_name="__mp_main__")
+            if kind == "path"
+            else runpy.run_module(target, run_name="__mp_main__", alter_sys=False)
+        )
     finally:
         _loading_main = None
     module = types.ModuleType("__mp_main__")
@@ -455,6 +513,7 @@ def _load_main(kind, target):
 def _child_main():
     """The body of a child process: read the job, rendezvous, run fn, send back its result or its error."""
     import faulthandler
+
     faulthandler.enable()  # a crash prints the Python traceback to stderr, which the parent keeps
     spec = json.loads(os.environ.pop(_SPEC_ENV))
     rank, world_size = spec["rank"], spec["world_size"]
@@ -475,8 +534,9 @@ def _child_main():
         select_device(spec["backend"], rank)  # one machine: the local rank is the rank
         # start-up may take up to `timeout` (ranks start at different times); the collectives of fn run
         # on a group of all ranks whose every wait is bounded by collective_timeout
-        dist.init_process_group(spec["backend"], store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=spec["timeout"]))
+        dist.init_process_group(
+            spec["backend"], store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=spec["timeout"])
+        )
         group = dist.new_group(list(range(world_size)), timeout=timedelta(seconds=spec["collective_timeout"]))
         value = fn(ShmGroup(group, timeout=spec["collective_timeout"]) if spec["shm"] else DistGroup(group), *args)
         # plain pickle copies tensor data into bytes (no shared memory that dies with this process)

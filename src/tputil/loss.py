@@ -34,8 +34,10 @@ def _layout(logits, group, vocab_start, vocab_size):
     if vocab_size is None:
         vocab_size = n_local * group.world_size
     if not 1 <= vocab_size <= n_local * group.world_size:
-        raise ValueError(f"vocab_size={vocab_size}: it must be in [1, {n_local * group.world_size}], "
-                         f"the padded vocabulary (p={group.world_size} shards of {n_local} logits)")
+        raise ValueError(
+            f"vocab_size={vocab_size}: it must be in [1, {n_local * group.world_size}], "
+            f"the padded vocabulary (p={group.world_size} shards of {n_local} logits)"
+        )
     return vocab_start, vocab_size
 
 
@@ -83,8 +85,16 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits, targets, *, group, vocab_start: int | None = None,
-                                 vocab_size: int | None = None, ignore_index: int = -1, reduction: str = "mean"):
+def vocab_parallel_cross_entropy(
+    logits,
+    targets,
+    *,
+    group,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    ignore_index: int = -1,
+    reduction: str = "mean",
+):
     """F.cross_entropy(Z, targets) from this rank's columns Z_r (..., V/p) of the logits, never gathering Z.
 
     targets (...) hold global token ids (the same on every rank). vocab_start: the first id of this
@@ -98,13 +108,16 @@ def vocab_parallel_cross_entropy(logits, targets, *, group, vocab_start: int | N
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: use one of {REDUCTIONS}")
     if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets of shape {tuple(targets.shape)} do not match logits of shape "
-                         f"{tuple(logits.shape)}: expected {tuple(logits.shape[:-1])}")
+        raise ValueError(
+            f"targets of shape {tuple(targets.shape)} do not match logits of shape "
+            f"{tuple(logits.shape)}: expected {tuple(logits.shape[:-1])}"
+        )
     vocab_start, vocab_size = _layout(logits, group, vocab_start, vocab_size)
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))  # every rank sees the same
     if bad.any():
-        raise ValueError(f"target {targets[bad][0].item()} is not a token id in [0, {vocab_size}) "
-                         f"(nor ignore_index={ignore_index})")
+        raise ValueError(
+            f"target {targets[bad][0].item()} is not a token id in [0, {vocab_size}) (nor ignore_index={ignore_index})"
+        )
     losses = _VocabParallelCrossEntropy.apply(logits, targets, group, vocab_start, vocab_size, ignore_index)
     if reduction == "none":
         return losses

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (GPT-2 has one; bias=False is a little faster and as good)."""
+    """LayerNorm over the last dim (C), with an optional bias (GPT-2 has one)."""
 
     def __init__(self, ndim: int, bias: bool):
         super().__init__()
@@ -35,9 +35,9 @@ class LayerNorm(nn.Module):
 def causal_attention(q, k, v, *, dropout_p: float = 0.0):
     """softmax(q k^T / sqrt(hs), each position masked to itself and the past) v, per head.
 
-    q, k, v: (B, nh, T, hs) -> (B, nh, T, hs). Written out (no fused kernel) so that it reads like
-    the formula and runs in any dtype, float64 included. Heads never mix here: this is why
-    attention can be split by heads (chapter 5). The tensor-parallel attention calls it too.
+    q, k, v: (B, nh, T, hs) -> (B, nh, T, hs); nh may be a rank's share of the heads (the
+    tensor-parallel attention calls it too): heads never mix. Written out, with no fused kernel,
+    so it runs in any dtype, float64 included. dropout_p: dropout on the attention weights.
     """
     T = q.size(-2)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
@@ -50,6 +50,7 @@ def causal_attention(q, k, v, *, dropout_p: float = 0.0):
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: x (B, T, C) -> (B, T, C), with nh = n_head heads of hs = C // nh."""
 
     def __init__(self, config):
         super().__init__()
@@ -75,6 +76,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """c_proj(GELU(c_fc(x))): x (B, T, C) -> (B, T, C) through 4C hidden features."""
 
     def __init__(self, config):
         super().__init__()
@@ -114,7 +116,7 @@ class GPTConfig:
     n_layer: int = 4  # enough layers that "2 all-reduces per layer" is a count, not a coincidence
     n_head: int = 4  # the tensor-parallel degree p must divide it (heads are split between ranks)
     n_embd: int = 64  # C; n_head * head size, so 16 channels per head by default
-    dropout: float = 0.0  # off: equality checks need determinism (TP training refuses it for now)
+    dropout: float = 0.0  # off: equality checks need determinism (TP training refuses it; chapter 12, planned)
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2 (and they test the "add once" rule)
 
     def __post_init__(self):
@@ -128,7 +130,8 @@ class GPTConfig:
             raise ValueError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: every head gets "
                 f"n_embd // n_head channels; choose n_embd as a multiple of n_head (e.g. {fits}) "
-                f"or n_head dividing n_embd")
+                f"or n_head dividing n_embd"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout={self.dropout!r}: it must be in [0, 1)")
 
@@ -140,9 +143,8 @@ class GPTConfig:
 def check_token_ids(idx, vocab_size: int):
     """Raise an IndexError naming the range if any id in idx is not a token id in [0, vocab_size).
 
-    nn.Embedding would refuse such an id too, but only with "index out of range in self"; every
-    model (dense, tensor-parallel, vocabulary-parallel) checks here first, before any communication.
-    One min and one max over idx (a single transfer from a GPU), on every forward.
+    Every model (dense, tensor-parallel, vocabulary-parallel) calls it first, before any
+    communication. Costs one min and one max over idx (one transfer from a GPU).
     """
     if idx.numel() == 0:
         return
@@ -160,17 +162,24 @@ def check_prompt(idx):
 
 
 class GPT(nn.Module):
+    """nanoGPT's GPT-2: token and position embeddings, n_layer Blocks, ln_f, and lm_head tied to wte.
+
+    Initialized as GPT-2 (normal(0, 0.02), c_proj weights 0.02 / sqrt(2 n_layer), zero biases,
+    unit norms) from the global generator.
+    """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: the head reads the token embedding matrix (one tensor, two names)
         self.transformer.wte.weight = self.lm_head.weight
@@ -197,8 +206,10 @@ class GPT(nn.Module):
         """idx, targets: (B, T) token ids -> (logits (B, T, V), mean cross-entropy or None)."""
         B, T = idx.size()
         if T > self.config.block_size:
-            raise ValueError(f"cannot forward a sequence of length {T}: block_size is only "
-                             f"{self.config.block_size}; crop the input or raise block_size")
+            raise ValueError(
+                f"cannot forward a sequence of length {T}: block_size is only "
+                f"{self.config.block_size}; crop the input or raise block_size"
+            )
         check_token_ids(idx, self.config.vocab_size)
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
@@ -213,8 +224,31 @@ class GPT(nn.Module):
 
     def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None):
         """Extend idx (B, T) by max_new_tokens tokens; see `generate` below."""
-        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                        greedy=greedy, generator=generator)
+        return generate(
+            self, idx, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy, generator=generator
+        )
+
+
+def untrained_gpt(config: GPTConfig, seed: int = 0, block_std: float | None = 0.2) -> GPT:
+    """A dense GPT in eval mode whose every parameter is random, biases and layer norms included.
+
+    Derived in chapter 6. GPT-2's init (zero biases, unit norms) would hide a bias added twice or
+    a misplaced norm weight, so (normal(mean, std)): biases normal(0, 0.05), layer-norm weights
+    normal(1, 0.1), the blocks' other weights normal(0, block_std) (None: GPT-2's init). Calls
+    torch.manual_seed(seed) and draws from the global generator, so what is drawn after it is
+    fixed by `seed` too.
+    """
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if name.endswith("bias"):
+                w.normal_(0.0, 0.05)
+            elif ".ln_" in name:
+                w.normal_(1.0, 0.1)
+            elif block_std is not None and name.startswith("transformer.h."):
+                w.normal_(0.0, block_std)
+    return model.eval()
 
 
 def cross_entropy(logits, targets):
@@ -223,8 +257,18 @@ def cross_entropy(logits, targets):
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None,
-             argmax=None, gather_logits=None):
+def generate(
+    model,
+    idx,
+    max_new_tokens,
+    *,
+    temperature=1.0,
+    top_k=None,
+    greedy=True,
+    generator=None,
+    argmax=None,
+    gather_logits=None,
+):
     """Append max_new_tokens tokens to idx (B, T), feeding each prediction back in; return (B, T + new).
 
     `model(idx)` must return (logits, loss) and `model.config.block_size` bound the context (the

@@ -16,6 +16,7 @@ import torch
 
 
 def divisors(n: int) -> list[int]:
+    """The positive divisors of n, ascending: the degrees p that split n evenly."""
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -24,20 +25,16 @@ def divide(n: int, p: int, what: str = "n") -> int:
     if not isinstance(p, int) or p < 1:
         raise ValueError(f"p={p!r}: the parallel degree must be a positive integer")
     if n % p != 0:
-        raise ValueError(f"{what}={n} is not divisible by p={p}; p must divide {what}: "
-                         f"try one of {divisors(n)}")
+        raise ValueError(f"{what}={n} is not divisible by p={p}; p must divide {what}: try one of {divisors(n)}")
     return n // p
 
 
 def pad_vocab_size(vocab_size: int, p: int, *, multiple: int = 1) -> int:
     """The smallest multiple of `multiple * p` that is >= vocab_size: the vocabulary split over p ranks.
 
-    multiple=1 (our default) pads as little as possible: nothing when p already divides the
-    vocabulary (our 256 bytes; nanoGPT's 50304, GPT-2's 50257 padded to a multiple of 64, for
-    p in 1, 2, 3, 4, 6, 8, ...), at most p - 1 rows otherwise (50257 at p = 2 -> 50258). Megatron-LM
-    pads to a multiple of 128 * p so that every rank's slice is a multiple of 128 rows, a shape GPU
-    matrix units like (multiple=128: 50257 at p = 2 -> 50432); it costs rows, not correctness, since
-    the padded ids are never predicted (chapter 10 masks their logits).
+    multiple=1 pads at most p - 1 rows, none when p divides vocab_size (50257 at p = 2 -> 50258);
+    multiple=128 is Megatron-LM's rule (50257 at p = 2 -> 50432). Padded ids are never predicted:
+    the loss and the argmax mask their logits (`loss`). Chapter 10 compares the two.
     """
     for name, value in (("vocab_size", vocab_size), ("p", p), ("multiple", multiple)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -65,9 +62,11 @@ def shard_tensor(t: torch.Tensor, rank: int, world_size: int, dim: int, stride: 
     dim = dim % t.dim()
     size = t.size(dim)
     if stride < 1 or size % (stride * world_size) != 0:
-        raise ValueError(f"cannot shard dim {dim} (size {size}) of a tensor of shape {tuple(t.shape)} into "
-                         f"p={world_size} shards with stride {stride}: {size} is not divisible by "
-                         f"stride * p = {stride * world_size}")
+        raise ValueError(
+            f"cannot shard dim {dim} (size {size}) of a tensor of shape {tuple(t.shape)} into "
+            f"p={world_size} shards with stride {stride}: {size} is not divisible by "
+            f"stride * p = {stride * world_size}"
+        )
     sections = t.split(size // stride, dim=dim)  # e.g. (q, k, v)
     return torch.cat([s.split(size // (stride * world_size), dim=dim)[rank] for s in sections], dim=dim)
 
@@ -80,21 +79,26 @@ def gather_tensors(shards, dim: int, stride: int = 1) -> torch.Tensor:
     shape, dtype = shards[0].shape, shards[0].dtype
     for r, s in enumerate(shards):
         if s.shape != shape or s.dtype != dtype:
-            raise ValueError(f"gather_tensors: shard {r} has shape {tuple(s.shape)} and dtype {s.dtype}, "
-                             f"shard 0 has {tuple(shape)} and {dtype}; all shards must agree")
+            raise ValueError(
+                f"gather_tensors: shard {r} has shape {tuple(s.shape)} and dtype {s.dtype}, "
+                f"shard 0 has {tuple(shape)} and {dtype}; all shards must agree"
+            )
     dim = dim % len(shape)
     if stride < 1 or shape[dim] % stride != 0:
-        raise ValueError(f"gather_tensors: dim {dim} of the shards (size {shape[dim]}) is not divisible by "
-                         f"stride={stride}")
+        raise ValueError(
+            f"gather_tensors: dim {dim} of the shards (size {shape[dim]}) is not divisible by stride={stride}"
+        )
     pieces = [s.split(shape[dim] // stride, dim=dim) for s in shards]  # pieces[rank][section]
     return torch.cat([pieces[r][i] for i in range(stride) for r in range(len(shards))], dim=dim)
 
 
 # ---------------------------------------------------------------------------- the plan, as data
 
+
 @dataclass(frozen=True)
 class Shard:
     """Split along `dim`, with `stride` sections (see shard_tensor)."""
+
     dim: int
     stride: int = 1
 
@@ -111,6 +115,7 @@ class VocabShard:
     The padded size is `pad_vocab_size(V, p, multiple=multiple)`; gathering drops the padding
     again, so the dense tensor comes back bit for bit (chapter 10).
     """
+
     multiple: int = 1
 
 
@@ -141,9 +146,11 @@ def vocab_parallel_plan(multiple: int = 1) -> dict:
 
     Same patterns in the same order; only the two vocabulary tensors change placement.
     """
-    return {**GPT_TP_PLAN,
-            "transformer.wte.weight": VocabShard(multiple),  # each rank its ids' rows; one all-reduce of B*T*C
-            "lm_head.weight": VocabShard(multiple)}  # the same tensor: column-parallel head, logits (B, T, V_pad/p)
+    return {
+        **GPT_TP_PLAN,
+        "transformer.wte.weight": VocabShard(multiple),  # each rank its ids' rows; one all-reduce of B*T*C
+        "lm_head.weight": VocabShard(multiple),
+    }  # the same tensor: column-parallel head, logits (B, T, V_pad/p)
 
 
 GPT_VOCAB_TP_PLAN = vocab_parallel_plan()
@@ -195,8 +202,14 @@ def dense_shapes(config) -> dict:
     C, V, bias = config.n_embd, config.vocab_size, config.bias
     shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (config.block_size, C)}
     for i in range(config.n_layer):
-        for name, (n_out, n_in) in (("ln_1", (C, None)), ("attn.c_attn", (3 * C, C)), ("attn.c_proj", (C, C)),
-                                    ("ln_2", (C, None)), ("mlp.c_fc", (4 * C, C)), ("mlp.c_proj", (C, 4 * C))):
+        for name, (n_out, n_in) in (
+            ("ln_1", (C, None)),
+            ("attn.c_attn", (3 * C, C)),
+            ("attn.c_proj", (C, C)),
+            ("ln_2", (C, None)),
+            ("mlp.c_fc", (4 * C, C)),
+            ("mlp.c_proj", (C, 4 * C)),
+        ):
             shapes[f"transformer.h.{i}.{name}.weight"] = (n_out,) if n_in is None else (n_out, n_in)
             if bias:
                 shapes[f"transformer.h.{i}.{name}.bias"] = (n_out,)
@@ -233,8 +246,10 @@ def check_shard_state_dict(state_dict: dict, config, world_size: int, *, rank=No
     for name, shape in expected.items():
         actual = state_dict[name].shape
         if actual != shape:
-            raise ValueError(f"{who}{name}: expected shape {tuple(shape)} for a shard at p={world_size}, "
-                             f"got {tuple(actual)} (was it sharded for another p, or another config?)")
+            raise ValueError(
+                f"{who}{name}: expected shape {tuple(shape)} for a shard at p={world_size}, "
+                f"got {tuple(actual)} (was it sharded for another p, or another config?)"
+            )
 
 
 def gather_state_dict(shards: list, config, *, plan: dict = GPT_TP_PLAN, check_replicas: bool = True) -> dict:
@@ -261,12 +276,14 @@ def gather_state_dict(shards: list, config, *, plan: dict = GPT_TP_PLAN, check_r
             out[name] = gather_tensors(tensors, where.dim, where.stride)
             continue
         if isinstance(where, VocabShard):  # drop the padding rows: back to config.vocab_size
-            out[name] = gather_tensors(tensors, 0)[:config.vocab_size].clone()
+            out[name] = gather_tensors(tensors, 0)[: config.vocab_size].clone()
             continue
         if check_replicas:
             for r, t in enumerate(tensors[1:], start=1):
                 if not torch.equal(t, tensors[0]):
-                    raise ValueError(f"replicated parameter {name} differs between rank 0 and rank {r} "
-                                     f"(max abs difference {(t - tensors[0]).abs().max().item():.3g})")
+                    raise ValueError(
+                        f"replicated parameter {name} differs between rank 0 and rank {r} "
+                        f"(max abs difference {(t - tensors[0]).abs().max().item():.3g})"
+                    )
         out[name] = tensors[0].clone()
     return out

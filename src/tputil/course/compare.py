@@ -39,14 +39,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..shard import divide
+from .cost import ring_bytes
 
-__all__ = ["Traffic", "gpt_num_params", "layer_params", "tensor_parallel", "data_parallel",
-           "pipeline_parallel", "compare"]
+__all__ = [
+    "Traffic",
+    "gpt_num_params",
+    "layer_params",
+    "tensor_parallel",
+    "data_parallel",
+    "pipeline_parallel",
+    "compare",
+]
 
 
 def _ring_all_reduce(n: float, p: int) -> float:
-    """Numbers one rank sends in a ring all-reduce of n numbers (chapter 2; 0 at p = 1)."""
-    return 2 * (p - 1) * n / p
+    """Numbers one rank sends in a ring all-reduce of n numbers: 2(p-1)/p * n (0 at p = 1)."""
+    return ring_bytes("all_reduce", n, p)  # linear in its size: numbers in, numbers out
 
 
 def layer_params(config) -> dict:
@@ -72,6 +80,7 @@ def gpt_num_params(config) -> int:
 @dataclass(frozen=True)
 class Traffic:
     """What one rank communicates and stores under one scheme (numbers, not bytes; see the module)."""
+
     scheme: str
     p: int
     forward_calls: int  # collectives and sends one rank makes in a forward pass
@@ -90,9 +99,17 @@ def tensor_parallel(config, *, B: int, T: int, p: int) -> Traffic:
     L, n = config.n_layer, B * T * config.n_embd
     calls = 0 if p == 1 else 2 * L  # p = 1 communicates nothing
     sharded = L * layer_params(config)["sharded"]
-    return Traffic("tensor", p, calls, calls * n, calls * _ring_all_reduce(n, p),
-                   2 * calls, 2 * calls * n, 2 * calls * _ring_all_reduce(n, p),
-                   gpt_num_params(config) - sharded + sharded // p)
+    return Traffic(
+        "tensor",
+        p,
+        calls,
+        calls * n,
+        calls * _ring_all_reduce(n, p),
+        2 * calls,
+        2 * calls * n,
+        2 * calls * _ring_all_reduce(n, p),
+        gpt_num_params(config) - sharded + sharded // p,
+    )
 
 
 def data_parallel(config, *, B: int, T: int, p: int) -> Traffic:
@@ -124,11 +141,15 @@ def pipeline_parallel(config, *, B: int, T: int, p: int, micro_batches: int) -> 
         stages.append((sends * m + tied, sends * n + tied * V * C, sends * n + tied * _ring_all_reduce(V * C, 2)))
     step_calls, step_message, step_wire = max(stages, key=lambda c: c[2])
     idle = (p - 1) / (m + p - 1)
-    return Traffic("pipeline", p, m, n, float(n), step_calls, step_message, step_wire,
-                   max(first_params, last_params), idle)
+    return Traffic(
+        "pipeline", p, m, n, float(n), step_calls, step_message, step_wire, max(first_params, last_params), idle
+    )
 
 
 def compare(config, *, B: int, T: int, p: int, micro_batches: int) -> list[Traffic]:
     """The three schemes at the same p, batch and model: [tensor, data, pipeline]."""
-    return [tensor_parallel(config, B=B, T=T, p=p), data_parallel(config, B=B, T=T, p=p),
-            pipeline_parallel(config, B=B, T=T, p=p, micro_batches=micro_batches)]
+    return [
+        tensor_parallel(config, B=B, T=T, p=p),
+        data_parallel(config, B=B, T=T, p=p),
+        pipeline_parallel(config, B=B, T=T, p=p, micro_batches=micro_batches),
+    ]

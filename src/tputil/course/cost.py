@@ -81,10 +81,10 @@ def ring_time(kind: str, nbytes: float, p: int, *, latency: float, bandwidth: fl
 def fit_latency_bandwidth(kind: str, nbytes, seconds, p: int) -> tuple[float, float]:
     """Latency (s per step) and bandwidth (bytes/s) of the alpha-beta model, from measured times.
 
-    A two-point estimate, one point per regime: the smallest message is all latency, so
-    latency = its time / ring_steps; what the largest takes beyond that latency is all bandwidth,
-    so bandwidth = its ring_bytes / (its time - ring_steps * latency). Simple and robust to the
-    bumps in between (a least-squares fit over log-spaced sizes is ruled by the largest few).
+    A two-point estimate: latency = the smallest message's time / ring_steps; bandwidth = the
+    largest's ring_bytes / (its time - ring_steps * latency). The sizes in between are not used.
+    ValueError at p = 1, with fewer than two sizes, or if the largest took no longer than the
+    smallest.
     """
     _check(kind, p)
     if p == 1:
@@ -97,6 +97,8 @@ def fit_latency_bandwidth(kind: str, nbytes, seconds, p: int) -> tuple[float, fl
     latency = small_t / steps
     rest = large_t - steps * latency
     if rest <= 0:
-        raise ValueError(f"the largest message ({large_n} bytes) took no longer than the smallest "
-                         f"({small_n} bytes): measure larger sizes to see the bandwidth")
+        raise ValueError(
+            f"the largest message ({large_n} bytes) took no longer than the smallest "
+            f"({small_n} bytes): measure larger sizes to see the bandwidth"
+        )
     return latency, ring_bytes(kind, large_n, p) / rest

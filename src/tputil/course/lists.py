@@ -20,6 +20,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..comm.group import reduce_in_rank_order
+from ..shard import divisors
+
 __all__ = ["all_reduce", "all_gather", "reduce_scatter", "broadcast"]
 
 
@@ -37,18 +40,14 @@ def _check_per_device(xs: Sequence[Tensor], op: str) -> None:
         )
     if not isinstance(xs, (list, tuple)):
         raise TypeError(
-            f"{op} takes a list with one tensor per device, got {type(xs).__name__}; "
-            f"pass a list: {op}([x0, x1, ...])"
+            f"{op} takes a list with one tensor per device, got {type(xs).__name__}; pass a list: {op}([x0, x1, ...])"
         )
     if len(xs) == 0:
-        raise ValueError(
-            f"{op} got an empty list: pass one tensor per device (at least one device)"
-        )
+        raise ValueError(f"{op} got an empty list: pass one tensor per device (at least one device)")
     for r, x in enumerate(xs):
         if not isinstance(x, Tensor):
             raise TypeError(
-                f"{op}: device {r} holds a {type(x).__name__}, not a Tensor; "
-                f"convert it with torch.as_tensor"
+                f"{op}: device {r} holds a {type(x).__name__}, not a Tensor; convert it with torch.as_tensor"
             )
     shape0, dtype0 = xs[0].shape, xs[0].dtype
     for r, x in enumerate(xs[1:], start=1):
@@ -76,9 +75,7 @@ def all_reduce(xs: Sequence[Tensor]) -> list[Tensor]:
     ``[tensor([4., 6.]), tensor([4., 6.])]``.
     """
     _check_per_device(xs, "all_reduce")
-    total = xs[0].clone()
-    for x in xs[1:]:
-        total = total + x
+    total = reduce_in_rank_order(xs, "sum")  # ((xs[0] + xs[1]) + xs[2]) + ..., as comm's groups add
     return [total.clone() for _ in xs]
 
 
@@ -129,15 +126,12 @@ def reduce_scatter(xs: Sequence[Tensor], dim: int = -1) -> list[Tensor]:
     dim = _check_dim(xs, dim, "reduce_scatter")
     p, size = len(xs), xs[0].size(dim)
     if size % p != 0:
-        fits = [d for d in range(1, size + 1) if size % d == 0]
         raise ValueError(
             f"reduce_scatter cuts dim {dim} (size {size}) of shape {tuple(xs[0].shape)} into p={p} "
-            f"equal chunks, but {size} is not divisible by {p}; use a number of devices in {fits} "
+            f"equal chunks, but {size} is not divisible by {p}; use a number of devices in {divisors(size)} "
             f"or pad dim {dim} to a multiple of {p}"
         )
-    total = xs[0].clone()
-    for x in xs[1:]:
-        total = total + x  # rank order, as in all_reduce
+    total = reduce_in_rank_order(xs, "sum")  # rank order, as in all_reduce
     return [chunk.clone() for chunk in total.chunk(p, dim=dim)]
 
 
@@ -154,7 +148,5 @@ def broadcast(xs: Sequence[Tensor], src: int = 0) -> list[Tensor]:
     _check_per_device(xs, "broadcast")
     p = len(xs)
     if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < p:
-        raise ValueError(
-            f"broadcast: src={src!r} is not a device of this list; use a rank in range({p})"
-        )
+        raise ValueError(f"broadcast: src={src!r} is not a device of this list; use a rank in range({p})")
     return [xs[src].clone() for _ in xs]

@@ -21,6 +21,17 @@ def _max_error(outs, y) -> float:
     return max((out - y).abs().max().item() for out in outs)
 
 
+def _seeded(seed, make, n_features, rows):
+    """(make(), x of shape (*rows, n_features)), drawn in that order after torch.manual_seed(seed).
+
+    The global random state is left as it was (torch.random.fork_rng).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = make()
+        return module, torch.randn(*rows, n_features)
+
+
 # --- chapter 3: parallel linear layers ---
 
 
@@ -29,22 +40,16 @@ def _linear_and_input(seed, in_features=48, out_features=16, rows=6):
 
     The global RNG is left as it was. 48 input features: p in {1, 2, 3, 4, 6, 8, ...} divides them.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        linear = nn.Linear(in_features, out_features)
-        x = torch.randn(rows, in_features)
-    return linear, x
+    return _seeded(seed, lambda: nn.Linear(in_features, out_features), in_features, (rows,))
 
 
 def row_parallel_bias_on_every_rank(p: int = 2, seed: int = 0) -> float:
     """Chapter 3's mistake: the row-parallel layer adds its bias on every rank, before the all-reduce.
 
-    Rank r holds A_r = rows r of A (weight (N, K/p)) and X_r = columns r of X, and computes the
-    partial sum X_r A_r. The mistake adds b to it on every rank, X_r A_r + b, so the all-reduce
-    returns XA + p b: off by (p - 1) b in every row. Everything else is the correct
-    `layers.RowParallelLinear`, which adds b once, after the reduce. Returns the largest absolute
-    difference from the dense nn.Linear(48, 16) over all ranks: (p - 1) max|b| up to float32
-    rounding (p = 1 is right and returns 0).
+    Rank r computes X_r A_r + b (X_r: (M, K/p), A_r: rows r of A, weight (N, K/p)), so the
+    all-reduce returns XA + p b. Everything else is `layers.RowParallelLinear`. Returns the largest
+    absolute difference from the dense nn.Linear(48, 16) over all ranks: (p - 1) max|b|, up to
+    float32 rounding (0 at p = 1). p must divide 48.
     """
     linear, x = _linear_and_input(seed)
 
@@ -59,15 +64,13 @@ def row_parallel_bias_on_every_rank(p: int = 2, seed: int = 0) -> float:
         outs = run_threads(rank, p)
     return _max_error(outs, y)
 
+
 # --- chapter 4: the MLP ---
+
 
 def _dense_and_input(make, config, seed, batch=2, time=8):
     """make(config) and an input x (batch, time, n_embd), both drawn from `seed`; global RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = make(config)
-        x = torch.randn(batch, time, config.n_embd)
-    return module, x
+    return _seeded(seed, lambda: make(config), config.n_embd, (batch, time))
 
 
 def _mlp_case(seed):
@@ -83,13 +86,11 @@ def _attention_case(seed):
 def mlp_split_before_gelu(p: int = 2, seed: int = 0) -> float:
     """Chapter 4's mistake: c_fc split by rows (its input features), so GELU sees partial sums.
 
-    Rank r holds its channels of x, x[B, T, C_p], and the matching rows of W_fc = c_fc.weight.T,
-    W_fc[C_p, 4C]; its pre-activation x_r W_fc_r is a partial sum of the dense one (c_fc's bias is
-    added on rank 0 only, to be generous). Applying GELU to it before summing is the mistake:
-    GELU(s_0 + s_1) != GELU(s_0) + GELU(s_1). c_proj is then applied on every rank, the ranks'
-    results are all-reduced and c_proj's bias is added once. Returns the largest absolute
-    difference from the dense `model.MLP` (n_embd 48, so p must divide 48; p = 1 splits nothing:
-    only rounding remains, as c_proj's bias is added after its matmul, not inside it). The correct split (`tp_model.TPMLP`) stays within float32 rounding, ~1e-7.
+    Rank r holds x[B, T, C_p] and W_fc[C_p, 4C] (W_fc = c_fc.weight.T; c_fc's bias added on rank 0
+    only) and applies GELU to its partial pre-activation before any sum; then c_proj on every
+    rank, one all-reduce, c_proj's bias once. Returns the largest absolute difference from the
+    dense `model.MLP` (n_embd 48, so p must divide 48). At p = 1 nothing is split: rounding only,
+    as c_proj's bias is added after its matmul rather than inside it.
     """
     mlp, x = _mlp_case(seed)
 
@@ -110,15 +111,14 @@ def mlp_split_before_gelu(p: int = 2, seed: int = 0) -> float:
 
 # --- chapter 5: attention ---
 
-def attention_contiguous_qkv_split(p: int = 2, seed: int = 0) -> float:
-    """Chapter 5's mistake: c_attn's fused q/k/v weight cut into p contiguous chunks.
 
-    c_attn's weight (3C, C) holds q, k and v stacked along its rows. The correct shard takes this
-    rank's heads from each of the three sections (the strided split of `shard.GPT_TP_PLAN`); the
-    mistake takes rows [r 3C/p, (r+1) 3C/p) instead, so at p = 2 rank 0 holds all of q and half of
-    k, and reads its "k" from q's rows. Everything else is the correct `tp_model.TPCausalSelfAttention`.
-    Returns the largest absolute difference from the dense `model.CausalSelfAttention` (n_embd 48,
-    n_head 6, so p must divide 6; p = 1 splits nothing: rounding only, as for the MLP).
+def attention_contiguous_qkv_split(p: int = 2, seed: int = 0) -> float:
+    """Chapter 5's mistake: c_attn's fused q/k/v weight (3C, C) cut into p contiguous chunks.
+
+    Rank r takes rows [r 3C/p, (r+1) 3C/p) of c_attn's weight and bias instead of its heads of each
+    of q, k and v (the strided split of `shard.GPT_TP_PLAN`); everything else is
+    `tp_model.TPCausalSelfAttention`. Returns the largest absolute difference from the dense
+    `model.CausalSelfAttention` (n_embd 48, n_head 6, so p must divide 6; rounding only at p = 1).
     """
     attn, x = _attention_case(seed)
 
@@ -133,7 +133,9 @@ def attention_contiguous_qkv_split(p: int = 2, seed: int = 0) -> float:
         outs = run_threads(rank, p)
     return _max_error(outs, y)
 
+
 # --- chapter 7: the table of controls ---
+
 
 def row_parallel_bias_once(p: int = 2, seed: int = 0) -> float:
     """The correct counterpart of `row_parallel_bias_on_every_rank`, on the same layer and input.

@@ -13,8 +13,7 @@ import math
 
 import torch
 
-__all__ = ["unit_roundoff", "sum_bound", "additions_on_path", "gpt_logit_bound", "logit_term_sizes",
-           "greedy_margins"]
+__all__ = ["unit_roundoff", "sum_bound", "additions_on_path", "gpt_logit_bound", "logit_term_sizes", "greedy_margins"]
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -34,7 +33,7 @@ def sum_bound(abs_sum, n: int, dtype: torch.dtype):
 
 
 def additions_on_path(config, T: int) -> int:
-    """Rounding steps along the longest chain from the embeddings to one logit (chapter 7 counts them).
+    """Rounding steps along the longest chain from the embeddings to one logit (counted in chapter 7).
 
     11C + hs + 2T + 20 per layer (norms, c_attn, attention, c_proj, c_fc, GELU, mlp.c_proj and the
     residual adds), and 1 + (2C + 4) + C around the layers (embedding add, ln_f, lm_head).
@@ -73,18 +72,17 @@ def logit_term_sizes(model, idx):
 
 
 def greedy_margins(model, tokens, n_prompt: int) -> tuple[list, list]:
-    """How close each greedy choice that produced tokens[:, n_prompt:] was, and how close is too close.
+    """(gaps, bounds), one of each per generated token of tokens[:, n_prompt:].
 
-    For every step: the smallest gap, over the batch, between the best and the second-best logit,
-    and `gpt_logit_bound`'s worst case for that step's context and M. A gap above its bound cannot
-    be closed by the rounding of another summation order (a tensor-parallel run, another kernel,
-    another thread count), so the same tokens come out on any machine.
+    gap: the smallest, over the batch, difference between the best and the second-best logit;
+    bound: `gpt_logit_bound`'s worst case for that step's context and M. A gap above its bound
+    cannot be flipped by another summation order's rounding.
     """
     config, dtype = model.config, next(model.parameters()).dtype
     gaps, bounds = [], []
     with torch.no_grad():
         for t in range(n_prompt, tokens.size(1)):
-            context = tokens[:, :t][:, -config.block_size:]  # (B, T_t), as generate crops it
+            context = tokens[:, :t][:, -config.block_size :]  # (B, T_t), as generate crops it
             top2 = model(context)[0][:, -1].topk(2, dim=-1).values  # (B, 2)
             gaps.append((top2[:, 0] - top2[:, 1]).min().item())
             size = logit_term_sizes(model, context)[:, -1].max().item()

@@ -30,6 +30,7 @@ _SKIP = (nn.Dropout, nn.Identity)
 class ModuleCall:
     """One run of a leaf module: phase "forward" or "backward", its name, class, output shape
     (forward; for backward the shape of the gradient it received) and the collectives it issued."""
+
     phase: str
     module: str
     kind: str
@@ -65,7 +66,7 @@ class CollectiveTrace:
     def unattributed(self) -> list:
         """Collectives logged while tracing that happened outside every leaf module."""
         seen = {id(r) for c in self.calls for r in c.collectives}
-        return [r for r in self._log[self._start:] if id(r) not in seen]
+        return [r for r in self._log[self._start :] if id(r) not in seen]
 
 
 def _shape(x) -> tuple:
@@ -92,6 +93,7 @@ def trace_collectives(model: nn.Module, group, *, backward: bool = True):
     def enter(name, phase):
         def hook(module, *args):
             starts[(name, phase)] = len(trace._log)
+
         return hook
 
     def leave(name, phase):
@@ -101,6 +103,7 @@ def trace_collectives(model: nn.Module, group, *, backward: bool = True):
                 return
             shape = _shape(args[-1])  # forward: the output; backward: the gradient of the output
             trace.calls.append(ModuleCall(phase, name, type(module).__name__, shape, trace._take(start)))
+
         return hook
 
     for name, module in model.named_modules():

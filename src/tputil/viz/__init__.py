@@ -22,8 +22,18 @@ from tputil.course import lists
 __all__ = ["draw_partial_sums", "format_values"]
 
 # One color per device, reused by every figure so that device r looks the same throughout.
-DEVICE_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
-                 "#8c8c8c", "#ccb974", "#64b5cd"]
+DEVICE_COLORS = [
+    "#4c72b0",
+    "#dd8452",
+    "#55a868",
+    "#c44e52",
+    "#8172b3",
+    "#937860",
+    "#da8bc3",
+    "#8c8c8c",
+    "#ccb974",
+    "#64b5cd",
+]
 RESULT_COLOR = "#e8e8e8"
 
 
@@ -54,19 +64,31 @@ def _value_line(t: Tensor) -> str:
 
 
 def _box(ax, x: float, y: float, w: float, h: float, color: str, gid: str) -> None:
-    patch = FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.06",
-                           facecolor=color, edgecolor="#333333", linewidth=1.0, alpha=0.9)
+    patch = FancyBboxPatch(
+        (x, y),
+        w,
+        h,
+        boxstyle="round,pad=0.02,rounding_size=0.06",
+        facecolor=color,
+        edgecolor="#333333",
+        linewidth=1.0,
+        alpha=0.9,
+    )
     patch.set_gid(gid)
     ax.add_patch(patch)
 
 
 def _arrow(ax, x: float, y_from: float, y_to: float) -> None:
-    ax.annotate("", xy=(x, y_to), xytext=(x, y_from),
-                arrowprops=dict(arrowstyle="-|>", color="#333333", linewidth=1.2))
+    ax.annotate("", xy=(x, y_to), xytext=(x, y_from), arrowprops=dict(arrowstyle="-|>", color="#333333", linewidth=1.2))
 
 
-def draw_partial_sums(partials: Sequence[Tensor], *, terms: Sequence[str] | None = None,
-                      result: str | None = None, title: str | None = None) -> Figure:
+def draw_partial_sums(
+    partials: Sequence[Tensor],
+    *,
+    terms: Sequence[str] | None = None,
+    result: str | None = None,
+    title: str | None = None,
+) -> Figure:
     """Who computes what (chapter 1): each device's partial sum, the all-reduce, the total.
 
     ``partials[r]`` is the partial sum that device ``r`` computed on its own; ``terms[r]``
@@ -82,8 +104,9 @@ def draw_partial_sums(partials: Sequence[Tensor], *, terms: Sequence[str] | None
     totals = lists.all_reduce(partials)  # validates the list as well
     p = len(partials)
     if terms is not None and len(terms) != p:
-        raise ValueError(f"draw_partial_sums got {p} partial sums but {len(terms)} terms; "
-                         f"pass one term per device (or terms=None)")
+        raise ValueError(
+            f"draw_partial_sums got {p} partial sums but {len(terms)} terms; pass one term per device (or terms=None)"
+        )
 
     fig = Figure(figsize=(1.9 * p + 1.8, 3.9))
     ax = fig.add_axes((0.0, 0.0, 1.0, 0.9 if title else 1.0))
@@ -100,27 +123,29 @@ def draw_partial_sums(partials: Sequence[Tensor], *, terms: Sequence[str] | None
     for r, part in enumerate(partials):
         cx = r + 0.5
         _box(ax, cx - w / 2, 2.0, w, 1.0, device_color(r), f"device{r}-before")
-        ax.text(cx, 2.8, f"device {r}", ha="center", va="center", fontsize=10,
-                fontweight="bold", color="white")
+        ax.text(cx, 2.8, f"device {r}", ha="center", va="center", fontsize=10, fontweight="bold", color="white")
         if terms is not None:
             ax.text(cx, 2.5, terms[r], ha="center", va="center", fontsize=9, color="white")
-        ax.text(cx, 2.2, _value_line(part), ha="center", va="center", fontsize=9,
-                color="white")
+        ax.text(cx, 2.2, _value_line(part), ha="center", va="center", fontsize=9, color="white")
         _arrow(ax, cx, 2.0, 1.57)
         _arrow(ax, cx, 1.18, 0.72)
         _box(ax, cx - w / 2, 0.0, w, 0.7, RESULT_COLOR, f"device{r}-after")
-        ax.text(cx, 0.52, f"device {r}", ha="center", va="center", fontsize=10,
-                fontweight="bold")
+        ax.text(cx, 0.52, f"device {r}", ha="center", va="center", fontsize=10, fontweight="bold")
         if result is not None:
             ax.text(cx, 0.3, result, ha="center", va="center", fontsize=9)
-        ax.text(cx, 0.3 if result is None else 0.12, _value_line(totals[r]), ha="center",
-                va="center", fontsize=9)
+        ax.text(cx, 0.3 if result is None else 0.12, _value_line(totals[r]), ha="center", va="center", fontsize=9)
 
-    bar = FancyBboxPatch((0.08, 1.2), p - 0.16, 0.35, boxstyle="round,pad=0.02,rounding_size=0.06",
-                         facecolor="#fff3c4", edgecolor="#333333", linewidth=1.0)
+    bar = FancyBboxPatch(
+        (0.08, 1.2),
+        p - 0.16,
+        0.35,
+        boxstyle="round,pad=0.02,rounding_size=0.06",
+        facecolor="#fff3c4",
+        edgecolor="#333333",
+        linewidth=1.0,
+    )
     bar.set_gid("all-reduce")
     ax.add_patch(bar)
-    label = ("all-reduce: the sum, to every device" if p > 1
-             else "all-reduce\n(one device: a copy)")
+    label = "all-reduce: the sum, to every device" if p > 1 else "all-reduce\n(one device: a copy)"
     ax.text(p / 2, 1.375, label, ha="center", va="center", fontsize=9)
     return fig

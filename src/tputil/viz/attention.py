@@ -21,7 +21,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from tputil.shard import shard_tensor
+from tputil.shard import divide, shard_tensor
 from tputil.viz import device_color
 
 __all__ = ["c_attn_rows", "c_attn_misread", "draw_c_attn_split"]
@@ -66,23 +66,29 @@ def _draw_strip(ax, rows_by_rank, n_rows, n_head, split, y0):
             ax.add_patch(patch)
             wrong = i != correct[r][j]
             misread += wrong
-            read = Rectangle((i, y0), 1, 0.6, facecolor=MISREAD_COLOR if wrong else READ_OK_COLOR,
-                             edgecolor="none")
+            read = Rectangle((i, y0), 1, 0.6, facecolor=MISREAD_COLOR if wrong else READ_OK_COLOR, edgecolor="none")
             read.set_gid(f"{split}-misread-row{i}" if wrong else f"{split}-read-row{i}")
             ax.add_patch(read)
         # label each run of rows that the rank reads as one of q, k, v
         part = len(rows) // 3
         for s in range(3):
-            local = rows[s * part:(s + 1) * part]
+            local = rows[s * part : (s + 1) * part]
             start = 0
             for t in range(1, len(local) + 1):
                 if t == len(local) or local[t] != local[t - 1] + 1:
                     lo, hi = local[start], local[t - 1] + 1
                     if (hi - lo) * 144 / n_rows >= 7:
-                        ax.text((lo + hi) / 2, y0 + 0.3, f"r{r}: {SECTIONS[s]}", ha="center", va="center",
-                                fontsize=6.5, color="white" if any(
-                                    rows[s * part + k] != correct[r][s * part + k]
-                                    for k in range(start, t)) else "#333333")
+                        ax.text(
+                            (lo + hi) / 2,
+                            y0 + 0.3,
+                            f"r{r}: {SECTIONS[s]}",
+                            ha="center",
+                            va="center",
+                            fontsize=6.5,
+                            color="white"
+                            if any(rows[s * part + k] != correct[r][s * part + k] for k in range(start, t))
+                            else "#333333",
+                        )
                     start = t
     # head boundaries (thin white) and section boundaries (thick black) on the owner strip
     for h in range(1, 3 * n_head):
@@ -92,8 +98,9 @@ def _draw_strip(ax, rows_by_rank, n_rows, n_head, split, y0):
     for s in range(3):
         for h in range(n_head):
             if hs * 144 / n_rows >= 4:  # room for a head label
-                ax.text(s * C + (h + 0.5) * hs, y0 + 1.5, f"h{h}", ha="center", va="center", fontsize=6.5,
-                        color="white")
+                ax.text(
+                    s * C + (h + 0.5) * hs, y0 + 1.5, f"h{h}", ha="center", va="center", fontsize=6.5, color="white"
+                )
     return misread
 
 
@@ -106,17 +113,16 @@ def draw_c_attn_split(weight, n_head: int, p: int, *, title: str | None = None) 
     """
     n_rows = weight.shape[0]
     if n_rows % 3 != 0 or (n_rows // 3) % n_head != 0:
-        raise ValueError(f"c_attn's weight has {n_rows} rows: expected 3 * C rows with C divisible by "
-                         f"n_head={n_head}")
-    if n_head % p != 0:
-        raise ValueError(f"n_head={n_head} is not divisible by p={p}: attention is split by heads; "
-                         f"choose p among {[d for d in range(1, n_head + 1) if n_head % d == 0]}")
+        raise ValueError(f"c_attn's weight has {n_rows} rows: expected 3 * C rows with C divisible by n_head={n_head}")
+    divide(n_head, p, "n_head")  # attention is split by heads
     C = n_rows // 3
     fig = Figure(figsize=(10, 4.4))
     if title:
         fig.suptitle(title, fontsize=12)
-    panels = [("strided", 3, "correct: shard_tensor(w, r, p, dim=0, stride=3) - each rank its heads of q, k, v"),
-              ("contiguous", 1, "wrong: p contiguous chunks, w.chunk(p, dim=0)[r]")]
+    panels = [
+        ("strided", 3, "correct: shard_tensor(w, r, p, dim=0, stride=3) - each rank its heads of q, k, v"),
+        ("contiguous", 1, "wrong: p contiguous chunks, w.chunk(p, dim=0)[r]"),
+    ]
     misread = {}
     for k, (split, stride, label) in enumerate(panels):
         ax = fig.add_axes((0.07, 0.5 - 0.38 * k, 0.9, 0.3))
@@ -127,12 +133,26 @@ def draw_c_attn_split(weight, n_head: int, p: int, *, title: str | None = None) 
         misread[split] = _draw_strip(ax, rows_by_rank, n_rows, n_head, split, 0.0)
         ax.text(0, 2.55, label, ha="left", va="center", fontsize=9)
         for s, name in enumerate(SECTIONS):
-            ax.text((s + 0.5) * C, 2.2, f"{name}: rows {s * C}-{(s + 1) * C - 1}", ha="center",
-                    va="center", fontsize=7.5, color="#555555")
+            ax.text(
+                (s + 0.5) * C,
+                2.2,
+                f"{name}: rows {s * C}-{(s + 1) * C - 1}",
+                ha="center",
+                va="center",
+                fontsize=7.5,
+                color="#555555",
+            )
         ax.text(-1.5, 1.5, "held by", ha="right", va="center", fontsize=8)
         ax.text(-1.5, 0.3, "read as", ha="right", va="center", fontsize=8)
-        ax.text(n_rows, 2.55, f"rows read wrongly: {misread[split]} of {n_rows}", ha="right", va="center",
-                fontsize=8, color=MISREAD_COLOR if misread[split] else "#333333")
+        ax.text(
+            n_rows,
+            2.55,
+            f"rows read wrongly: {misread[split]} of {n_rows}",
+            ha="right",
+            va="center",
+            fontsize=8,
+            color=MISREAD_COLOR if misread[split] else "#333333",
+        )
     handles = [Patch(facecolor=device_color(r), label=f"rank {r}") for r in range(p)]
     handles.append(Patch(facecolor=MISREAD_COLOR, label="read as the wrong q/k/v or head"))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)

@@ -20,8 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch, Rectangle
 from torch import Tensor
 
-from tputil.course import cost
-from tputil.course import lists
+from tputil.course import cost, lists
 from tputil.viz import device_color, format_values
 
 __all__ = ["draw_collectives", "describe", "draw_all_reduce_timings", "size_label", "PANELS"]
@@ -51,22 +50,44 @@ def _device_row(ax, x0, y, values, colors, label, gid, cell_w, slots, offset=0):
     Cells without a number are drawn as empty outlines (a reduce-scatter keeps one piece).
     """
     left = LABEL_W if label else 0.12
-    box = FancyBboxPatch((x0, y), left + slots * cell_w + 0.1, 0.62,
-                         boxstyle="round,pad=0.02,rounding_size=0.05",
-                         facecolor="white", edgecolor="#333333", linewidth=1.0)
+    box = FancyBboxPatch(
+        (x0, y),
+        left + slots * cell_w + 0.1,
+        0.62,
+        boxstyle="round,pad=0.02,rounding_size=0.05",
+        facecolor="white",
+        edgecolor="#333333",
+        linewidth=1.0,
+    )
     box.set_gid(gid)
     ax.add_patch(box)
     if label:
         ax.text(x0 + 0.08, y + 0.31, label, ha="left", va="center", fontsize=8)
     for k in range(slots):
         if not offset <= k < offset + len(values):
-            ax.add_patch(Rectangle((x0 + left + k * cell_w, y + 0.11), cell_w, 0.4, facecolor="none",
-                                   edgecolor="#cccccc", linewidth=0.8, linestyle="--"))
+            ax.add_patch(
+                Rectangle(
+                    (x0 + left + k * cell_w, y + 0.11),
+                    cell_w,
+                    0.4,
+                    facecolor="none",
+                    edgecolor="#cccccc",
+                    linewidth=0.8,
+                    linestyle="--",
+                )
+            )
     cx = x0 + left + offset * cell_w
     for v, c in zip(values, colors):
         ax.add_patch(Rectangle((cx, y + 0.11), cell_w, 0.4, facecolor=c, edgecolor="white", linewidth=1.0))
-        ax.text(cx + cell_w / 2, y + 0.31, _cell_text(v), ha="center", va="center", fontsize=7.5,
-                color="black" if c == SUM_COLOR else "white")
+        ax.text(
+            cx + cell_w / 2,
+            y + 0.31,
+            _cell_text(v),
+            ha="center",
+            va="center",
+            fontsize=7.5,
+            color="black" if c == SUM_COLOR else "white",
+        )
         cx += cell_w
 
 
@@ -81,19 +102,26 @@ def draw_collectives(xs: Sequence[Tensor], *, src: int = 0, title: str | None = 
     lists._check_per_device(xs, "draw_collectives")
     p, n = len(xs), xs[0].numel()
     if xs[0].dim() != 1:
-        raise ValueError(f"draw_collectives draws 1-D tensors, got shape {tuple(xs[0].shape)}; "
-                         f"flatten them first")
+        raise ValueError(f"draw_collectives draws 1-D tensors, got shape {tuple(xs[0].shape)}; flatten them first")
     if p * n > MAX_CELLS:
-        raise ValueError(f"{p} devices x {n} numbers = {p * n} numbers after the all-gather; "
-                         f"keep it at most {MAX_CELLS} (fewer numbers per device)")
-    after = {"all_reduce": lists.all_reduce(xs), "all_gather": lists.all_gather(xs),
-             "reduce_scatter": lists.reduce_scatter(xs), "broadcast": lists.broadcast(xs, src=src)}
+        raise ValueError(
+            f"{p} devices x {n} numbers = {p * n} numbers after the all-gather; "
+            f"keep it at most {MAX_CELLS} (fewer numbers per device)"
+        )
+    after = {
+        "all_reduce": lists.all_reduce(xs),
+        "all_gather": lists.all_gather(xs),
+        "reduce_scatter": lists.reduce_scatter(xs),
+        "broadcast": lists.broadcast(xs, src=src),
+    }
     chunk = n // p
     own = [[device_color(r)] * n for r in range(p)]
-    colors = {"all_reduce": [[SUM_COLOR] * n] * p,
-              "all_gather": [[device_color(q) for q in range(p) for _ in range(n)]] * p,
-              "reduce_scatter": [[SUM_COLOR] * chunk] * p,
-              "broadcast": [[device_color(src)] * n] * p}
+    colors = {
+        "all_reduce": [[SUM_COLOR] * n] * p,
+        "all_gather": [[device_color(q) for q in range(p) for _ in range(n)]] * p,
+        "reduce_scatter": [[SUM_COLOR] * chunk] * p,
+        "broadcast": [[device_color(src)] * n] * p,
+    }
 
     cell_w, gap = 0.36, 0.75
     before_w = LABEL_W + n * cell_w + 0.1
@@ -101,8 +129,17 @@ def draw_collectives(xs: Sequence[Tensor], *, src: int = 0, title: str | None = 
     height = 0.85 * p + 0.75
     scale = 0.62  # inches per unit
     fig = Figure(figsize=((sum(widths) + 0.6) * scale, 2 * (height + 0.5) * scale + (0.4 if title else 0.1)))
-    grid = fig.add_gridspec(2, 2, width_ratios=widths, left=0.01, right=0.99, bottom=0.01,
-                            top=0.88 if title else 0.94, wspace=0.06, hspace=0.22)
+    grid = fig.add_gridspec(
+        2,
+        2,
+        width_ratios=widths,
+        left=0.01,
+        right=0.99,
+        bottom=0.01,
+        top=0.88 if title else 0.94,
+        wspace=0.06,
+        hspace=0.22,
+    )
     if title:
         fig.suptitle(title, fontsize=12)
     for i, (kind, name, what) in enumerate(PANELS):
@@ -116,26 +153,41 @@ def draw_collectives(xs: Sequence[Tensor], *, src: int = 0, title: str | None = 
         ax.text(before_w + gap, 0.85 * p + 0.2, "after", ha="left", fontsize=8, style="italic")
         for r in range(p):
             y = 0.85 * (p - 1 - r)
-            _device_row(ax, 0.0, y, xs[r].tolist(), own[r], f"device {r}", f"{kind}-device{r}-before",
-                        cell_w, n)
+            _device_row(ax, 0.0, y, xs[r].tolist(), own[r], f"device {r}", f"{kind}-device{r}-before", cell_w, n)
             out = after[kind][r]
             slots, offset = (n, r * chunk) if kind == "reduce_scatter" else (out.numel(), 0)
-            _device_row(ax, before_w + gap, y, out.tolist(), colors[kind][r], None,
-                        f"{kind}-device{r}-after", cell_w, slots, offset)
-        ax.annotate("", xy=(before_w + gap - 0.08, 0.85 * (p - 1) / 2 + 0.31),
-                    xytext=(before_w + 0.08, 0.85 * (p - 1) / 2 + 0.31),
-                    arrowprops=dict(arrowstyle="-|>", color="#333333", linewidth=1.4))
+            _device_row(
+                ax,
+                before_w + gap,
+                y,
+                out.tolist(),
+                colors[kind][r],
+                None,
+                f"{kind}-device{r}-after",
+                cell_w,
+                slots,
+                offset,
+            )
+        ax.annotate(
+            "",
+            xy=(before_w + gap - 0.08, 0.85 * (p - 1) / 2 + 0.31),
+            xytext=(before_w + 0.08, 0.85 * (p - 1) / 2 + 0.31),
+            arrowprops=dict(arrowstyle="-|>", color="#333333", linewidth=1.4),
+        )
     return fig
 
 
 def describe(xs: Sequence[Tensor], *, src: int = 0) -> str:
     """The figure's content as text, one line per device and collective (for a quick look)."""
-    after = {"all_reduce": lists.all_reduce(xs), "all_gather": lists.all_gather(xs),
-             "reduce_scatter": lists.reduce_scatter(xs), "broadcast": lists.broadcast(xs, src=src)}
+    after = {
+        "all_reduce": lists.all_reduce(xs),
+        "all_gather": lists.all_gather(xs),
+        "reduce_scatter": lists.reduce_scatter(xs),
+        "broadcast": lists.broadcast(xs, src=src),
+    }
     lines = ["before: " + " | ".join(f"device {r} {format_values(x, 16)}" for r, x in enumerate(xs))]
     for kind, name, _ in PANELS:
-        lines.append(f"{name}: " + " | ".join(f"device {r} {format_values(o, 16)}"
-                                              for r, o in enumerate(after[kind])))
+        lines.append(f"{name}: " + " | ".join(f"device {r} {format_values(o, 16)}" for r, o in enumerate(after[kind])))
     return "\n".join(lines)
 
 
@@ -146,8 +198,15 @@ def size_label(n: float) -> str:
     return f"{n:g} B"
 
 
-def draw_all_reduce_timings(nbytes: Sequence[int], seconds: Sequence[float], *, p: int, latency: float,
-                            bandwidth: float, title: str | None = None) -> Figure:
+def draw_all_reduce_timings(
+    nbytes: Sequence[int],
+    seconds: Sequence[float],
+    *,
+    p: int,
+    latency: float,
+    bandwidth: float,
+    title: str | None = None,
+) -> Figure:
     """Measured all-reduce time against message size (log-log), with the alpha-beta model.
 
     Points: the measurements (gid ``"measured"``). Lines: the model ``cost.ring_time`` (gid
@@ -167,13 +226,26 @@ def draw_all_reduce_timings(nbytes: Sequence[int], seconds: Sequence[float], *, 
     floor = [steps * latency * 1e3] * len(grid)
     slope = [cost.ring_bytes("all_reduce", n, p) / bandwidth * 1e3 for n in grid]
     model = [cost.ring_time("all_reduce", n, p, latency=latency, bandwidth=bandwidth) * 1e3 for n in grid]
-    ax.plot(grid, floor, "--", color="#4c72b0", linewidth=1, gid="latency-bound",
-            label=f"latency-bound: {steps} steps x latency")
-    ax.plot(grid, slope, "--", color="#dd8452", linewidth=1, gid="bandwidth-bound",
-            label="bandwidth-bound: ring bytes / bandwidth")
+    ax.plot(
+        grid,
+        floor,
+        "--",
+        color="#4c72b0",
+        linewidth=1,
+        gid="latency-bound",
+        label=f"latency-bound: {steps} steps x latency",
+    )
+    ax.plot(
+        grid,
+        slope,
+        "--",
+        color="#dd8452",
+        linewidth=1,
+        gid="bandwidth-bound",
+        label="bandwidth-bound: ring bytes / bandwidth",
+    )
     ax.plot(grid, model, "-", color="#555555", linewidth=1.2, gid="model", label="model: the sum of both")
-    ax.plot(list(nbytes), [t * 1e3 for t in seconds], "o", color="#c44e52", gid="measured",
-            label=f"measured (p = {p})")
+    ax.plot(list(nbytes), [t * 1e3 for t in seconds], "o", color="#c44e52", gid="measured", label=f"measured (p = {p})")
     crossover = steps * latency * bandwidth * p / (2 * (p - 1))  # where the two dashed lines meet
     ax.axvline(crossover, color="#999999", linestyle=":", gid="crossover")
     ax.set_xlabel("message size per rank (bytes)")

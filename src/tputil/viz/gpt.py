@@ -44,17 +44,31 @@ def index_runs(indices) -> list[tuple[int, int]]:
 
 
 def _short(module: str, prefix: str) -> str:
-    return module[len(prefix):] if module.startswith(prefix) else module
+    return module[len(prefix) :] if module.startswith(prefix) else module
 
 
 def _bar(ax, x0, x1, y, h, gid, label, hatch=None):
-    patch = FancyBboxPatch((x0, y), x1 - x0, h, boxstyle="round,pad=0.01,rounding_size=0.05",
-                           facecolor=BAR_COLOR if hatch is None else "white", edgecolor="#555555",
-                           hatch=hatch, linewidth=1.0)
+    patch = FancyBboxPatch(
+        (x0, y),
+        x1 - x0,
+        h,
+        boxstyle="round,pad=0.01,rounding_size=0.05",
+        facecolor=BAR_COLOR if hatch is None else "white",
+        edgecolor="#555555",
+        hatch=hatch,
+        linewidth=1.0,
+    )
     patch.set_gid(gid)
     ax.add_patch(patch)
-    ax.text((x0 + x1) / 2, y + h / 2, label, ha="center", va="center", fontsize=8,
-            bbox=dict(facecolor="white", edgecolor="none", pad=1.0) if hatch else None)
+    ax.text(
+        (x0 + x1) / 2,
+        y + h / 2,
+        label,
+        ha="center",
+        va="center",
+        fontsize=8,
+        bbox=dict(facecolor="white", edgecolor="none", pad=1.0) if hatch else None,
+    )
 
 
 def draw_block_collectives(dense_trace, rank_traces, *, layer: int = 0, title: str | None = None) -> Figure:
@@ -92,8 +106,15 @@ def draw_block_collectives(dense_trace, rank_traces, *, layer: int = 0, title: s
     col_x = [0.0] + [1.35 + r for r in range(p)]
     ax.text(0.5, height + 0.2, "dense", ha="center", fontsize=9, fontweight="bold")
     for r in range(p):
-        ax.text(col_x[r + 1] + 0.5, height + 0.2, f"rank {r}", ha="center", fontsize=9,
-                fontweight="bold", color=device_color(r))
+        ax.text(
+            col_x[r + 1] + 0.5,
+            height + 0.2,
+            f"rank {r}",
+            ha="center",
+            fontsize=9,
+            fontweight="bold",
+            color=device_color(r),
+        )
 
     y = height
     counts = {"forward": 0, "backward": 0}
@@ -102,8 +123,14 @@ def draw_block_collectives(dense_trace, rank_traces, *, layer: int = 0, title: s
         name = _short(call.module, prefix)
         if kind == "module":
             dense = dense_shape.get(call.module)
-            patch = FancyBboxPatch((0.05, y), 0.9, h, boxstyle="round,pad=0.01,rounding_size=0.05",
-                                   facecolor=DENSE_COLOR, edgecolor="#888888")
+            patch = FancyBboxPatch(
+                (0.05, y),
+                0.9,
+                h,
+                boxstyle="round,pad=0.01,rounding_size=0.05",
+                facecolor=DENSE_COLOR,
+                edgecolor="#888888",
+            )
             patch.set_gid(f"dense-{call.module}")
             ax.add_patch(patch)
             ax.text(0.5, y + h / 2, f"{name}\n{dense}", ha="center", va="center", fontsize=7.5)
@@ -111,20 +138,43 @@ def draw_block_collectives(dense_trace, rank_traces, *, layer: int = 0, title: s
                 shape = next(c.shape for c in trace.modules("forward", call.module) if c.module == call.module)
                 sharded = dense is not None and shape != dense
                 x = col_x[r + 1]
-                patch = FancyBboxPatch((x + 0.05, y), 0.9, h, boxstyle="round,pad=0.01,rounding_size=0.05",
-                                       facecolor=device_color(r) if sharded else REPLICATED_COLOR,
-                                       edgecolor="#333333")
+                patch = FancyBboxPatch(
+                    (x + 0.05, y),
+                    0.9,
+                    h,
+                    boxstyle="round,pad=0.01,rounding_size=0.05",
+                    facecolor=device_color(r) if sharded else REPLICATED_COLOR,
+                    edgecolor="#333333",
+                )
                 patch.set_gid(f"{call.module}-device{r}")
                 ax.add_patch(patch)
-                ax.text(x + 0.5, y + h / 2, f"{name}\n{shape}", ha="center", va="center", fontsize=7.5,
-                        color="white" if sharded else "black")
+                ax.text(
+                    x + 0.5,
+                    y + h / 2,
+                    f"{name}\n{shape}",
+                    ha="center",
+                    va="center",
+                    fontsize=7.5,
+                    color="white" if sharded else "black",
+                )
             continue
         records = call.collectives if kind == "forward" else backward[call.module]
         for rec in records:
-            label = (f"{rec.kind} {rec.shape}: {rec.nbytes:,} bytes in, per rank" if kind == "forward" else
-                     f"backward: {rec.kind} of the input gradient {rec.shape}: {rec.nbytes:,} bytes in")
-            _bar(ax, col_x[1] + 0.05, col_x[-1] + 0.95, y, h, f"{kind}-{rec.kind}-{counts[kind]}", label,
-                 hatch=None if kind == "forward" else "////")
+            label = (
+                f"{rec.kind} {rec.shape}: {rec.nbytes:,} bytes in, per rank"
+                if kind == "forward"
+                else f"backward: {rec.kind} of the input gradient {rec.shape}: {rec.nbytes:,} bytes in"
+            )
+            _bar(
+                ax,
+                col_x[1] + 0.05,
+                col_x[-1] + 0.95,
+                y,
+                h,
+                f"{kind}-{rec.kind}-{counts[kind]}",
+                label,
+                hatch=None if kind == "forward" else "////",
+            )
             counts[kind] += 1
     return fig
 
@@ -161,8 +211,9 @@ def draw_layer_split(config, p: int, *, layer: int = 0, plan: dict = GPT_TP_PLAN
             h, w = shape[0], (shape[1] if len(shape) == 2 else bar)
             where = placement(name, plan)
             if isinstance(where, Replicate):
-                patch = Rectangle((xb, 0), w, h, facecolor=REPLICATED_COLOR, edgecolor="#333333",
-                                  hatch="..", linewidth=0.8)
+                patch = Rectangle(
+                    (xb, 0), w, h, facecolor=REPLICATED_COLOR, edgecolor="#333333", hatch="..", linewidth=0.8
+                )
                 patch.set_gid(f"{name}-replicated")
                 ax.add_patch(patch)
             else:
@@ -170,9 +221,10 @@ def draw_layer_split(config, p: int, *, layer: int = 0, plan: dict = GPT_TP_PLAN
                 for r in range(p):
                     idx = shard_tensor(torch.arange(size), r, p, 0, where.stride)
                     for start, stop in index_runs(idx.tolist()):
-                        rect = ((xb, start, w, stop - start) if where.dim == 0 else (xb + start, 0, stop - start, h))
-                        patch = Rectangle(rect[:2], rect[2], rect[3], facecolor=device_color(r),
-                                          edgecolor="white", linewidth=0.4)
+                        rect = (xb, start, w, stop - start) if where.dim == 0 else (xb + start, 0, stop - start, h)
+                        patch = Rectangle(
+                            rect[:2], rect[2], rect[3], facecolor=device_color(r), edgecolor="white", linewidth=0.4
+                        )
                         patch.set_gid(f"{name}-device{r}")
                         ax.add_patch(patch)
                 ax.add_patch(Rectangle((xb, 0), w, h, fill=False, edgecolor="#333333", linewidth=0.8))
@@ -184,6 +236,12 @@ def draw_layer_split(config, p: int, *, layer: int = 0, plan: dict = GPT_TP_PLAN
         ax.text(x0, -total_h * 0.02 - (total_h * 0.07 if i % 2 else 0), label, fontsize=7.5, va="bottom")
     handles = [Rectangle((0, 0), 1, 1, facecolor=device_color(r)) for r in range(p)]
     handles.append(Rectangle((0, 0), 1, 1, facecolor=REPLICATED_COLOR, hatch=".."))
-    fig.legend(handles, [f"rank {r}" for r in range(p)] + ["replicated (every rank)"],
-               loc="lower center", ncol=p + 1, fontsize=8, frameon=False)
+    fig.legend(
+        handles,
+        [f"rank {r}" for r in range(p)] + ["replicated (every rank)"],
+        loc="lower center",
+        ncol=p + 1,
+        fontsize=8,
+        frameon=False,
+    )
     return fig

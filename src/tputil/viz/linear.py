@@ -38,12 +38,16 @@ def split_shapes(column_weights: Sequence[Tensor], row_weights: Sequence[Tensor]
     shapes_c = {tuple(w.shape) for w in column_weights}
     shapes_r = {tuple(w.shape) for w in row_weights}
     if len(shapes_c) != 1 or len(shapes_r) != 1 or any(len(s) != 2 for s in shapes_c | shapes_r):
-        raise ValueError(f"every rank's shard must have the same 2-D shape: column shards {sorted(shapes_c)}, "
-                         f"row shards {sorted(shapes_r)}")
+        raise ValueError(
+            f"every rank's shard must have the same 2-D shape: column shards {sorted(shapes_c)}, "
+            f"row shards {sorted(shapes_r)}"
+        )
     (n_p, k), (n, k_p) = shapes_c.pop(), shapes_r.pop()
     if n_p * p != n or k_p * p != k:
-        raise ValueError(f"column shards (N/p, K) = {(n_p, k)} and row shards (N, K/p) = {(n, k_p)} "
-                         f"do not split the same A[K, N] over p={p} ranks")
+        raise ValueError(
+            f"column shards (N/p, K) = {(n_p, k)} and row shards (N, K/p) = {(n, k_p)} "
+            f"do not split the same A[K, N] over p={p} ranks"
+        )
     return p, k, n
 
 
@@ -56,8 +60,9 @@ def _rect(ax, x, y, w, h, color, gid=None, label=None, alpha=1.0):
         ax.text(x + w / 2, y - 0.12, label, ha="center", va="top", fontsize=8)
 
 
-def draw_linear_split(column_weights: Sequence[Tensor], row_weights: Sequence[Tensor], M: int, *,
-                      title: str | None = None) -> Figure:
+def draw_linear_split(
+    column_weights: Sequence[Tensor], row_weights: Sequence[Tensor], M: int, *, title: str | None = None
+) -> Figure:
     """X[M, K] A[K, N] split by columns (top) and by rows (bottom), from the ranks' weight shards."""
     p, K, N = split_shapes(column_weights, row_weights)
     s = 2.4 / max(M, K, N)  # units per row/column: the largest dimension is 2.4 units long
@@ -72,8 +77,11 @@ def draw_linear_split(column_weights: Sequence[Tensor], row_weights: Sequence[Te
     top, bottom = axes
 
     # --- by columns: X (whole) x A[K, N_p] = Y[M, N_p] -----------------------------------------
-    top.set_title(f"by columns, A[K, N_p]: rank r owns {N // p} of the N = {N} output features; "
-                  f"concatenate (all-gather) to combine", fontsize=9)
+    top.set_title(
+        f"by columns, A[K, N_p]: rank r owns {N // p} of the N = {N} output features; "
+        f"concatenate (all-gather) to combine",
+        fontsize=9,
+    )
     x0 = 0.0
     _rect(top, x0, k - m, k, m, WHOLE_COLOR, label=f"X ({M}, {K}), every rank")
     top.text(x0 + k + 0.25, k / 2, "×", ha="center", va="center", fontsize=14)
@@ -85,33 +93,44 @@ def draw_linear_split(column_weights: Sequence[Tensor], row_weights: Sequence[Te
     xy = xa + n + 0.5
     for r in range(p):
         _rect(top, xy + r * n / p, k - m, n / p, m, device_color(r), gid=f"column-Y-device{r}")
-    top.text(xy + n / 2, k - m - 0.12, f"Y ({M}, {N}): rank r holds ({M}, {N // p})", ha="center",
-             va="top", fontsize=8)
+    top.text(xy + n / 2, k - m - 0.12, f"Y ({M}, {N}): rank r holds ({M}, {N // p})", ha="center", va="top", fontsize=8)
     top.set_xlim(-0.2, xy + n + 3.2)
     top.set_ylim(-0.7, k + 0.2)
 
     # --- by rows: X[M, K_p] x A[K_p, N] = sum over ranks of partial Y[M, N] ---------------------
-    bottom.set_title(f"by rows, A[K_p, N] and X[M, K_p]: rank r owns {K // p} of the K = {K} input "
-                     f"features; add (all-reduce) to combine", fontsize=9)
+    bottom.set_title(
+        f"by rows, A[K_p, N] and X[M, K_p]: rank r owns {K // p} of the K = {K} input "
+        f"features; add (all-reduce) to combine",
+        fontsize=9,
+    )
     for r in range(p):
         _rect(bottom, x0 + r * k / p, k - m, k / p, m, device_color(r), gid=f"row-X-device{r}")
-    bottom.text(x0 + k / 2, k - m - 0.12, f"X ({M}, {K}): rank r holds ({M}, {K // p})", ha="center",
-                va="top", fontsize=8)
+    bottom.text(
+        x0 + k / 2, k - m - 0.12, f"X ({M}, {K}): rank r holds ({M}, {K // p})", ha="center", va="top", fontsize=8
+    )
     bottom.text(x0 + k + 0.25, k / 2, "×", ha="center", va="center", fontsize=14)
     for r in range(p):  # row block r from the top
         _rect(bottom, xa, k - (r + 1) * k / p, n, k / p, device_color(r), gid=f"row-A-device{r}")
-    bottom.text(xa + n / 2, -0.12, f"A ({K}, {N}): rank r holds ({K // p}, {N})", ha="center", va="top",
-                fontsize=8)
+    bottom.text(xa + n / 2, -0.12, f"A ({K}, {N}): rank r holds ({K // p}, {N})", ha="center", va="top", fontsize=8)
     bottom.text(xa + n + 0.25, k / 2, "=", ha="center", va="center", fontsize=14)
     step = min(0.12, 0.6 / p)
     for r in reversed(range(p)):  # p full-size partial sums, stacked like cards
-        _rect(bottom, xy + r * step, k - m - r * step, n, m, device_color(r), gid=f"row-partial-device{r}",
-              alpha=0.95)
-    bottom.text(xy + n / 2, k - m - (p - 1) * step - 0.12, f"{p} partial Y ({M}, {N}), one per rank",
-                ha="center", va="top", fontsize=8)
+        _rect(bottom, xy + r * step, k - m - r * step, n, m, device_color(r), gid=f"row-partial-device{r}", alpha=0.95)
+    bottom.text(
+        xy + n / 2,
+        k - m - (p - 1) * step - 0.12,
+        f"{p} partial Y ({M}, {N}), one per rank",
+        ha="center",
+        va="top",
+        fontsize=8,
+    )
     xr = xy + n + (p - 1) * step + 0.3
-    bottom.annotate("", xy=(xr + 0.75, k - m / 2), xytext=(xr, k - m / 2),
-                    arrowprops=dict(arrowstyle="-|>", color="#333333", linewidth=1.2))
+    bottom.annotate(
+        "",
+        xy=(xr + 0.75, k - m / 2),
+        xytext=(xr, k - m / 2),
+        arrowprops=dict(arrowstyle="-|>", color="#333333", linewidth=1.2),
+    )
     bottom.text(xr + 0.37, k - m / 2 + 0.12, "all-reduce", ha="center", va="bottom", fontsize=8)
     _rect(bottom, xr + 0.9, k - m, n, m, RESULT_COLOR, label=f"Y ({M}, {N}), every rank")
     bottom.set_xlim(-0.2, max(xr + 0.9 + n, xy + n + 3.2) + 0.2)

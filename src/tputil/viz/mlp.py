@@ -37,6 +37,7 @@ _BAR_WIDTH = 12
 @dataclass
 class _Mat:
     """One tensor per rank: its (rows, cols), a name above the column, whether it is a partial sum."""
+
     name: str
     shapes: list  # per rank (rows, cols)
     kind: str  # gid stem, e.g. "c_fc"; "x" and "y" are replicated (grey)
@@ -69,10 +70,14 @@ def _columns_items(mlp, x, p):
     B = [shard_tensor(w_proj, r, p, dim=1).T for r in range(p)]  # W_proj[4C_p, C]
     M, C = _shape2(x)
     return [
-        _Mat("x", [(M, C)] * p, "x", replicated=True), _Op("@"),
-        _Mat("c_fc: $W_{fc}^{(r)}$", [tuple(a.shape) for a in A], "c_fc"), _Op("+ bias,\nGELU"),
-        _Mat("GELU: $H^{(r)}$", [(M, a.shape[1]) for a in A], "hidden"), _Op("@"),
-        _Mat("c_proj: $W_{proj}^{(r)}$", [tuple(b.shape) for b in B], "c_proj"), _Op("="),
+        _Mat("x", [(M, C)] * p, "x", replicated=True),
+        _Op("@"),
+        _Mat("c_fc: $W_{fc}^{(r)}$", [tuple(a.shape) for a in A], "c_fc"),
+        _Op("+ bias,\nGELU"),
+        _Mat("GELU: $H^{(r)}$", [(M, a.shape[1]) for a in A], "hidden"),
+        _Op("@"),
+        _Mat("c_proj: $W_{proj}^{(r)}$", [tuple(b.shape) for b in B], "c_proj"),
+        _Op("="),
         _Mat("partial $Y^{(r)}$", [(M, b.shape[1]) for b in B], "partial", partial=True),
         _Bar(f"all-reduce of {M} x {C}" if p > 1 else "one rank: no all-reduce", "all-reduce-1"),
         _Mat("y = sum + bias", [(M, C)] * p, "y", replicated=True),
@@ -87,14 +92,17 @@ def _rows_items(mlp, x, p):
     M, C = _shape2(x)
     H = w_fc.shape[0]
     return [
-        _Mat("$x^{(r)}$", [_shape2(t) for t in X], "x_shard"), _Op("@"),
-        _Mat("c_fc: $W_{fc}^{(r)}$", [tuple(a.shape) for a in A], "c_fc"), _Op("="),
+        _Mat("$x^{(r)}$", [_shape2(t) for t in X], "x_shard"),
+        _Op("@"),
+        _Mat("c_fc: $W_{fc}^{(r)}$", [tuple(a.shape) for a in A], "c_fc"),
+        _Op("="),
         _Mat("partial $S^{(r)}$", [(M, H)] * p, "pre-activation", partial=True),
-        _Bar(f"all-reduce of {M} x {H}: before the GELU" if p > 1 else "one rank: no all-reduce",
-             "all-reduce-1"),
+        _Bar(f"all-reduce of {M} x {H}: before the GELU" if p > 1 else "one rank: no all-reduce", "all-reduce-1"),
         _Op("+ bias,\nGELU,\nslice r"),
-        _Mat("GELU: $H^{(r)}$", [(M, b.shape[0]) for b in B], "hidden"), _Op("@"),
-        _Mat("c_proj: $W_{proj}^{(r)}$", [tuple(b.shape) for b in B], "c_proj"), _Op("="),
+        _Mat("GELU: $H^{(r)}$", [(M, b.shape[0]) for b in B], "hidden"),
+        _Op("@"),
+        _Mat("c_proj: $W_{proj}^{(r)}$", [tuple(b.shape) for b in B], "c_proj"),
+        _Op("="),
         _Mat("partial $Y^{(r)}$", [(M, b.shape[1]) for b in B], "partial", partial=True),
         _Bar(f"all-reduce of {M} x {C}" if p > 1 else "one rank: no all-reduce", "all-reduce-2"),
         _Mat("y = sum + bias", [(M, C)] * p, "y", replicated=True),
@@ -150,31 +158,47 @@ def draw_tp_mlp(mlp, x, p: int, *, split: str = "columns", title: str | None = N
     for r in range(p):
         top = total_h - r * row_pitch  # rank 0 on top
         mid = top - row_h / 2
-        ax.text(-8, mid, f"rank {r}", ha="right", va="center", fontsize=9, fontweight="bold",
-                color=device_color(r))
+        ax.text(-8, mid, f"rank {r}", ha="right", va="center", fontsize=9, fontweight="bold", color=device_color(r))
         for it, x0 in zip(items, xs):
             if isinstance(it, _Mat):
                 rows, cols = it.shapes[r]
                 color = REPLICATED_COLOR if it.replicated else device_color(r)
-                rect = Rectangle((x0, mid - rows / 2), cols, rows, facecolor=color, edgecolor="#333333",
-                                 linewidth=0.8, hatch="///" if it.partial else None, alpha=0.9)
+                rect = Rectangle(
+                    (x0, mid - rows / 2),
+                    cols,
+                    rows,
+                    facecolor=color,
+                    edgecolor="#333333",
+                    linewidth=0.8,
+                    hatch="///" if it.partial else None,
+                    alpha=0.9,
+                )
                 rect.set_gid(f"{it.kind}-device{r}")
                 ax.add_patch(rect)
-                ax.text(x0 + cols / 2, mid - rows / 2 - 3, f"({rows}, {cols})", ha="center", va="top",
-                        fontsize=7)
+                ax.text(x0 + cols / 2, mid - rows / 2 - 3, f"({rows}, {cols})", ha="center", va="top", fontsize=7)
                 if r == 0:
-                    ax.text(x0 + max(s[1] for s in it.shapes) / 2, total_h + 6, it.name, ha="center",
-                            va="bottom", fontsize=8)
+                    ax.text(
+                        x0 + max(s[1] for s in it.shapes) / 2,
+                        total_h + 6,
+                        it.name,
+                        ha="center",
+                        va="bottom",
+                        fontsize=8,
+                    )
             elif isinstance(it, _Op):
-                ax.text(x0 + (16 if "\n" in it.text or len(it.text) > 2 else 5), mid, it.text,
-                        ha="center", va="center", fontsize=8)
+                ax.text(
+                    x0 + (16 if "\n" in it.text or len(it.text) > 2 else 5),
+                    mid,
+                    it.text,
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                )
 
     for it, x0 in zip(items, xs):
         if isinstance(it, _Bar):
-            bar = Rectangle((x0, 0), _BAR_WIDTH, total_h, facecolor=BAR_COLOR, edgecolor="#333333",
-                            linewidth=0.8)
+            bar = Rectangle((x0, 0), _BAR_WIDTH, total_h, facecolor=BAR_COLOR, edgecolor="#333333", linewidth=0.8)
             bar.set_gid(it.gid)
             ax.add_patch(bar)
-            ax.text(x0 + _BAR_WIDTH / 2, total_h / 2, it.label, rotation=90, ha="center", va="center",
-                    fontsize=7)
+            ax.text(x0 + _BAR_WIDTH / 2, total_h / 2, it.label, rotation=90, ha="center", va="center", fontsize=7)
     return fig

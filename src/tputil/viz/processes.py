@@ -8,7 +8,7 @@ them all).
 
 ``draw_timeline(passes)`` draws measured forward passes, one row per rank: the whole pass as a
 light bar (gid ``"rank{r}-pass"``) and every all-reduce inside it as a bar in the rank's color
-(gid ``"rank{r}-all_reduce{i}"``); the times are what `procs.tp_tour` measured.
+(gid ``"rank{r}-all_reduce{i}"``); the times are what `course.ch08_real_processes.tp_tour` measured.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def draw_launch(world_size: int, *, backend: str = "gloo", title: str | None = N
     _box(ax, 0.55, mid - 0.75, 3.6, 1.1, "store", face="#fff2cc")
     ax.text(2.35, mid - 0.05, "TCPStore, 127.0.0.1", ha="center", va="center", fontsize=9)
     ax.text(2.35, mid - 0.45, "a free port the OS picked", ha="center", va="center", fontsize=8)
-    ax.text(2.35, mid - 1.0, "starts the ranks, collects results", ha="center", va="center", fontsize=7.5,
-            color="#555555")
+    ax.text(
+        2.35, mid - 1.0, "starts the ranks, collects results", ha="center", va="center", fontsize=7.5, color="#555555"
+    )
 
     # the ranks, each its own process
     x_rank, w_rank = 6.6, 3.4
@@ -63,12 +64,35 @@ def draw_launch(world_size: int, *, backend: str = "gloo", title: str | None = N
     for r, top in enumerate(tops):
         y = top - row_h
         _box(ax, x_rank, y, w_rank, row_h, f"rank{r}", face=device_color(r))
-        ax.text(x_rank + w_rank / 2, y + 0.62, f"process of rank {r}", ha="center", va="center", fontsize=9,
-                color="white", fontweight="bold")
-        ax.text(x_rank + w_rank / 2, y + 0.26, f"RANK={r}  WORLD_SIZE={p}", ha="center", va="center", fontsize=8,
-                color="white", family="monospace")
-        arrow = FancyArrowPatch((x_rank, y + row_h / 2), (4.15, mid - 0.2), arrowstyle="-|>", mutation_scale=10,
-                                color="#777777", linewidth=1.0, linestyle="--")
+        ax.text(
+            x_rank + w_rank / 2,
+            y + 0.62,
+            f"process of rank {r}",
+            ha="center",
+            va="center",
+            fontsize=9,
+            color="white",
+            fontweight="bold",
+        )
+        ax.text(
+            x_rank + w_rank / 2,
+            y + 0.26,
+            f"RANK={r}  WORLD_SIZE={p}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white",
+            family="monospace",
+        )
+        arrow = FancyArrowPatch(
+            (x_rank, y + row_h / 2),
+            (4.15, mid - 0.2),
+            arrowstyle="-|>",
+            mutation_scale=10,
+            color="#777777",
+            linewidth=1.0,
+            linestyle="--",
+        )
         ax.add_patch(arrow)
     ax.text(5.3, mid + 0.6, "join (rendezvous)", ha="center", va="bottom", fontsize=8, color="#555555")
 
@@ -78,13 +102,24 @@ def draw_launch(world_size: int, *, backend: str = "gloo", title: str | None = N
     for k, (r, s) in enumerate(pairs):
         x = right + 0.2 + 0.17 * k
         y_r, y_s = tops[r] - row_h / 2 + 0.12 * (s - r - 1), tops[s] - row_h / 2 - 0.12 * (s - r - 1)
-        link = Polygon([(right, y_r), (x, y_r), (x, y_s), (right, y_s)], closed=False, fill=False,
-                       edgecolor="#333333", linewidth=1.0)
+        link = Polygon(
+            [(right, y_r), (x, y_r), (x, y_s), (right, y_s)],
+            closed=False,
+            fill=False,
+            edgecolor="#333333",
+            linewidth=1.0,
+        )
         link.set_gid(f"link{r}-{s}")
         ax.add_patch(link)
     if pairs:
-        ax.text(right + 0.45 + 0.17 * len(pairs), mid, f"{backend}:\nthe collectives,\nrank to rank",
-                ha="left", va="center", fontsize=8)
+        ax.text(
+            right + 0.45 + 0.17 * len(pairs),
+            mid,
+            f"{backend}:\nthe collectives,\nrank to rank",
+            ha="left",
+            va="center",
+            fontsize=8,
+        )
     return fig
 
 
@@ -92,15 +127,17 @@ def draw_timeline(passes: Sequence[dict], *, title: str | None = None) -> Figure
     """One forward pass per rank: the pass (light) and its all-reduces (the rank's color), in ms.
 
     passes[r] is a dict with "one_pass" (seconds) and "all_reduces" (a list of (start, end) in
-    seconds from the start of the pass), as `procs.tp_tour` returns in its "timing" entries.
+    seconds from the start of the pass), as `course.ch08_real_processes.tp_tour` returns in its "timing" entries.
     """
     if not passes:
         raise ValueError("draw_timeline needs at least one rank's pass")
     for r, one in enumerate(passes):
         total = one["one_pass"]
         if total <= 0 or any(not 0 <= a <= b for a, b in one["all_reduces"]):
-            raise ValueError(f"rank {r}: a pass of {total} s with all-reduces {one['all_reduces']}: every "
-                             f"all-reduce must start at or after 0 and end after it starts")
+            raise ValueError(
+                f"rank {r}: a pass of {total} s with all-reduces {one['all_reduces']}: every "
+                f"all-reduce must start at or after 0 and end after it starts"
+            )
     p = len(passes)
     fig = Figure(figsize=(8.0, 1.6 + 0.55 * p))
     ax = fig.add_subplot()
@@ -114,16 +151,29 @@ def draw_timeline(passes: Sequence[dict], *, title: str | None = None) -> Figure
             box.set_gid(f"rank{r}-all_reduce{i}")
             ax.add_patch(box)
         inside = sum(b - a for a, b in one["all_reduces"])
-        ax.text(one["one_pass"] * 1e3 * 1.01, y, f" {inside / one['one_pass']:.0%} in all-reduces",
-                va="center", ha="left", fontsize=8)
+        ax.text(
+            one["one_pass"] * 1e3 * 1.01,
+            y,
+            f" {inside / one['one_pass']:.0%} in all-reduces",
+            va="center",
+            ha="left",
+            fontsize=8,
+        )
     longest = max(max([one["one_pass"]] + [b for _, b in one["all_reduces"]]) for one in passes)
     ax.set_xlim(0, longest * 1e3 * 1.3)
     ax.set_ylim(-0.6, p + 0.35)  # room for the legend on top
     ax.set_yticks(range(p), [f"rank {r}" for r in reversed(range(p))])
     ax.set_xlabel("time since the start of the forward pass (ms)")
-    ax.legend(handles=[Patch(facecolor=PASS_COLOR, edgecolor="#999999", label="computing (the whole pass)"),
-                       Patch(facecolor=device_color(0), label="inside an all-reduce")],
-              loc="upper right", ncol=2, fontsize=8, framealpha=0.9)
+    ax.legend(
+        handles=[
+            Patch(facecolor=PASS_COLOR, edgecolor="#999999", label="computing (the whole pass)"),
+            Patch(facecolor=device_color(0), label="inside an all-reduce"),
+        ],
+        loc="upper right",
+        ncol=2,
+        fontsize=8,
+        framealpha=0.9,
+    )
     if title:
         ax.set_title(title, fontsize=11)
     fig.tight_layout()

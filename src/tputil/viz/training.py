@@ -75,8 +75,7 @@ def draw_conjugate_pair(x, a_shards, b_shards, *, title: str | None = None) -> F
     """
     p = len(a_shards)
     if p < 1 or len(b_shards) != p:
-        raise ValueError(f"need one shard of each weight per rank: got {len(a_shards)} of A and "
-                         f"{len(b_shards)} of B")
+        raise ValueError(f"need one shard of each weight per rank: got {len(a_shards)} of A and {len(b_shards)} of B")
     M = 1
     for s in x.shape[:-1]:
         M *= s
@@ -84,13 +83,15 @@ def draw_conjugate_pair(x, a_shards, b_shards, *, title: str | None = None) -> F
     Hp, N = a_shards[0].shape[0], b_shards[0].shape[0]
     for r in range(p):
         if tuple(a_shards[r].shape) != (Hp, K) or tuple(b_shards[r].shape) != (N, Hp):
-            raise ValueError(f"rank {r}: A_r of shape {tuple(a_shards[r].shape)} and B_r of shape "
-                             f"{tuple(b_shards[r].shape)} do not fit x (..., {K}): expected ({Hp}, {K}) "
-                             f"and ({N}, {Hp})")
+            raise ValueError(
+                f"rank {r}: A_r of shape {tuple(a_shards[r].shape)} and B_r of shape "
+                f"{tuple(b_shards[r].shape)} do not fit x (..., {K}): expected ({Hp}, {K}) "
+                f"and ({N}, {Hp})"
+            )
     forward, backward = _columns(M, K, Hp, N, p)
 
     xs, cursor = [], 0.0
-    for name, _, _, kind in forward:
+    for _, _, _, kind in forward:
         xs.append(cursor)
         cursor += (_BOX_W if kind in ("replicated", "sharded", "partial") else _BAR_W) + 0.45
     width = cursor - 0.45
@@ -110,32 +111,63 @@ def draw_conjugate_pair(x, a_shards, b_shards, *, title: str | None = None) -> F
         ax.text(-1.25, top + 0.62, f"{phase} ({arrow})", fontsize=9.5, fontweight="bold", va="bottom")
         y_arrow = top + 0.45
         start, end = (0.2, width - 0.2) if phase == "forward" else (width - 0.2, 0.2)
-        ax.add_patch(FancyArrowPatch((start, y_arrow), (end, y_arrow), arrowstyle="-|>", mutation_scale=12,
-                                     color="#777777", linewidth=1.0))
+        ax.add_patch(
+            FancyArrowPatch(
+                (start, y_arrow), (end, y_arrow), arrowstyle="-|>", mutation_scale=12, color="#777777", linewidth=1.0
+            )
+        )
         for (name, label, shape, kind), x0 in zip(cols, xs):
             if kind in ("identity", "all-reduce"):
-                bar = Rectangle((x0, base + 0.05), _BAR_W, panel_h - 0.1,
-                                facecolor=BAR_COLOR if kind == "all-reduce" else "white",
-                                edgecolor="#555555", linewidth=1.0, linestyle="-" if kind == "all-reduce" else "--")
+                bar = Rectangle(
+                    (x0, base + 0.05),
+                    _BAR_W,
+                    panel_h - 0.1,
+                    facecolor=BAR_COLOR if kind == "all-reduce" else "white",
+                    edgecolor="#555555",
+                    linewidth=1.0,
+                    linestyle="-" if kind == "all-reduce" else "--",
+                )
                 bar.set_gid(f"{phase}-{name}-{kind}")
                 ax.add_patch(bar)
-                ax.text(x0 + _BAR_W / 2, base + panel_h / 2, label, rotation=90, ha="center", va="center",
-                        fontsize=7.5)
+                ax.text(x0 + _BAR_W / 2, base + panel_h / 2, label, rotation=90, ha="center", va="center", fontsize=7.5)
                 continue
             ax.text(x0 + _BOX_W / 2, top + 0.08, label, ha="center", va="bottom", fontsize=8.5)
             for r in range(p):
                 y0 = top - (r + 1) * _ROW + (_ROW - _BOX_H) / 2
                 color = REPLICATED_COLOR if kind == "replicated" else device_color(r)
-                box = Rectangle((x0, y0), _BOX_W, _BOX_H, facecolor=color, edgecolor="#333333", linewidth=0.8,
-                                hatch="///" if kind == "partial" else None, alpha=0.9)
+                box = Rectangle(
+                    (x0, y0),
+                    _BOX_W,
+                    _BOX_H,
+                    facecolor=color,
+                    edgecolor="#333333",
+                    linewidth=0.8,
+                    hatch="///" if kind == "partial" else None,
+                    alpha=0.9,
+                )
                 box.set_gid(f"{phase}-{name}-device{r}")
                 ax.add_patch(box)
-                ax.text(x0 + _BOX_W / 2, y0 + _BOX_H / 2, _shape_text(shape), ha="center", va="center",
-                        fontsize=7.5, bbox=dict(facecolor="white", edgecolor="none", pad=0.8, alpha=0.85))
+                ax.text(
+                    x0 + _BOX_W / 2,
+                    y0 + _BOX_H / 2,
+                    _shape_text(shape),
+                    ha="center",
+                    va="center",
+                    fontsize=7.5,
+                    bbox=dict(facecolor="white", edgecolor="none", pad=0.8, alpha=0.85),
+                )
         for r in range(p):
             y_mid = top - (r + 0.5) * _ROW
-            ax.text(-0.15, y_mid, f"rank {r}", ha="right", va="center", fontsize=8.5, fontweight="bold",
-                    color=device_color(r))
+            ax.text(
+                -0.15,
+                y_mid,
+                f"rank {r}",
+                ha="right",
+                va="center",
+                fontsize=8.5,
+                fontweight="bold",
+                color=device_color(r),
+            )
     return fig
 
 
@@ -158,8 +190,9 @@ def draw_loss_curves(dense_losses, tp_losses: dict, *, tolerance=None, title: st
         raise ValueError("dense_losses is empty: nothing to draw")
     for p, losses in tp_losses.items():
         if len(losses) != n:
-            raise ValueError(f"the run on p={p} ranks has {len(losses)} losses, the dense run {n}: "
-                             f"they must cover the same steps")
+            raise ValueError(
+                f"the run on p={p} ranks has {len(losses)} losses, the dense run {n}: they must cover the same steps"
+            )
     steps = list(range(n))
     runs = sorted(tp_losses.items())
     gaps = {p: [abs(float(a) - b) for a, b in zip(losses, dense)] for p, losses in runs}
@@ -175,18 +208,37 @@ def draw_loss_curves(dense_losses, tp_losses: dict, *, tolerance=None, title: st
     markers = "os^Dv<>"
     for i, (p, losses) in enumerate(runs):
         color, marker = device_color(i + 1), markers[i % len(markers)]
-        (line,) = ax_loss.plot(steps, [float(v) for v in losses], color=color, linewidth=1.2,
-                               linestyle=(0, (4, 2 + i)), label=f"TP, p = {p}")
+        (line,) = ax_loss.plot(
+            steps,
+            [float(v) for v in losses],
+            color=color,
+            linewidth=1.2,
+            linestyle=(0, (4, 2 + i)),
+            label=f"TP, p = {p}",
+        )
         line.set_gid(f"loss-tp-p{p}")
         shift = (i - (len(runs) - 1) / 2) * 0.22  # side by side, so equal gaps do not hide each other
         nonzero = [(s + shift, g) for s, g in zip(steps, gaps[p]) if g > 0]
         zero = [s + shift for s, g in zip(steps, gaps[p]) if g == 0]
-        (line,) = ax_gap.plot([s for s, _ in nonzero], [g for _, g in nonzero], linestyle="none", marker=marker,
-                              markersize=4.5, color=color, label=f"p = {p}: {len(nonzero)} steps differ, "
-                              f"{len(zero)} equal")
+        (line,) = ax_gap.plot(
+            [s for s, _ in nonzero],
+            [g for _, g in nonzero],
+            linestyle="none",
+            marker=marker,
+            markersize=4.5,
+            color=color,
+            label=f"p = {p}: {len(nonzero)} steps differ, {len(zero)} equal",
+        )
         line.set_gid(f"gap-tp-p{p}")
-        (line,) = ax_gap.plot(zero, [floor] * len(zero), linestyle="none", marker=marker, markersize=4.5,
-                              markerfacecolor="none", color=color)
+        (line,) = ax_gap.plot(
+            zero,
+            [floor] * len(zero),
+            linestyle="none",
+            marker=marker,
+            markersize=4.5,
+            markerfacecolor="none",
+            color=color,
+        )
         line.set_gid(f"gap-zero-tp-p{p}")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss (cross-entropy)")
@@ -195,11 +247,24 @@ def draw_loss_curves(dense_losses, tp_losses: dict, *, tolerance=None, title: st
     ax_loss.grid(alpha=0.3)
 
     ax_gap.axhline(floor, color="#999999", linewidth=0.8)
-    ax_gap.text(n - 1, floor / 1.12, "0: equal bit for bit (hollow markers)", ha="right", va="top", fontsize=7.5,
-                color="#555555")
+    ax_gap.text(
+        n - 1,
+        floor / 1.12,
+        "0: equal bit for bit (hollow markers)",
+        ha="right",
+        va="top",
+        fontsize=7.5,
+        color="#555555",
+    )
     if tolerance is not None:
-        (line,) = ax_gap.plot(steps, [tolerance(s) for s in steps], color="black", linewidth=1.3,
-                              linestyle="--", label="tolerance asserted")
+        (line,) = ax_gap.plot(
+            steps,
+            [tolerance(s) for s in steps],
+            color="black",
+            linewidth=1.3,
+            linestyle="--",
+            label="tolerance asserted",
+        )
         line.set_gid("tolerance")
     ax_gap.set_yscale("log")
     top = max([tolerance(s) for s in steps] if tolerance is not None else positive or [floor])

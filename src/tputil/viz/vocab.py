@@ -33,6 +33,7 @@ PADDING_COLOR = "#f2f2f2"
 @dataclass(frozen=True)
 class RankVocab:
     """The ids [start, end) of one rank; [start, real_end) are tokens, [real_end, end) padding."""
+
     rank: int
     start: int
     end: int
@@ -64,8 +65,7 @@ def _label(rv: RankVocab) -> str:
     return f"rank {rv.rank}\nids {ids}"
 
 
-def draw_vocab_split(vocab_size: int, degrees: Sequence[int], *, multiple: int = 1,
-                     title: str | None = None) -> Figure:
+def draw_vocab_split(vocab_size: int, degrees: Sequence[int], *, multiple: int = 1, title: str | None = None) -> Figure:
     """One bar per p in degrees: which rank owns which ids of a vocab_size vocabulary, padding hatched."""
     degrees = list(degrees)
     if not degrees:
@@ -73,8 +73,9 @@ def draw_vocab_split(vocab_size: int, degrees: Sequence[int], *, multiple: int =
     layouts = [vocab_layout(vocab_size, p, multiple=multiple) for p in degrees]  # checks p and multiple
     longest = max(lay[-1].end for lay in layouts)
     fig = Figure(figsize=(10.0, 0.85 * len(degrees) + 1.3))
-    ax = fig.add_axes((0.13, 0.55 / (0.85 * len(degrees) + 1.3), 0.74,
-                       0.85 * len(degrees) / (0.85 * len(degrees) + 1.3)))
+    ax = fig.add_axes(
+        (0.13, 0.55 / (0.85 * len(degrees) + 1.3), 0.74, 0.85 * len(degrees) / (0.85 * len(degrees) + 1.3))
+    )
     ax.set_xlim(0, longest)
     ax.set_ylim(-0.15, len(degrees) - 0.05)
     ax.set_yticks([])
@@ -91,13 +92,21 @@ def draw_vocab_split(vocab_size: int, degrees: Sequence[int], *, multiple: int =
         y = len(degrees) - 1 - i  # the first degree on top
         padded = layout[-1].end
         for rv in layout:
-            patch = Rectangle((rv.start, y), rv.end - rv.start, h, facecolor=device_color(rv.rank),
-                              edgecolor="#333333", linewidth=0.8)
+            patch = Rectangle(
+                (rv.start, y), rv.end - rv.start, h, facecolor=device_color(rv.rank), edgecolor="#333333", linewidth=0.8
+            )
             patch.set_gid(f"p{p}-device{rv.rank}")
             ax.add_patch(patch)
             if rv.n_padding:
-                pad = Rectangle((rv.real_end, y), rv.n_padding, h, facecolor=PADDING_COLOR,
-                                edgecolor="#333333", hatch="///", linewidth=0.8)
+                pad = Rectangle(
+                    (rv.real_end, y),
+                    rv.n_padding,
+                    h,
+                    facecolor=PADDING_COLOR,
+                    edgecolor="#333333",
+                    hatch="///",
+                    linewidth=0.8,
+                )
                 pad.set_gid(f"p{p}-padding{rv.rank}")
                 ax.add_patch(pad)
             width = (rv.end - rv.start) / longest  # a fraction of the axis, 7.4 inches wide
@@ -106,14 +115,27 @@ def draw_vocab_split(vocab_size: int, degrees: Sequence[int], *, multiple: int =
             size = min(8.0, width * 7.4 * 72 / (0.78 * chars))  # points that fit the segment
             if size >= 5.0:
                 cx = (rv.start + rv.real_end) / 2 if rv.n_real else (rv.start + rv.end) / 2
-                ax.text(cx, y + h / 2, label, ha="center", va="center", fontsize=size,
-                        color="white" if rv.n_real else "#333333", fontweight="bold" if rv.n_real else "normal",
-                        bbox=None if rv.n_real else dict(facecolor="white", edgecolor="none", pad=1.0))
+                ax.text(
+                    cx,
+                    y + h / 2,
+                    label,
+                    ha="center",
+                    va="center",
+                    fontsize=size,
+                    color="white" if rv.n_real else "#333333",
+                    fontweight="bold" if rv.n_real else "normal",
+                    bbox=None if rv.n_real else dict(facecolor="white", edgecolor="none", pad=1.0),
+                )
         ax.text(-0.01 * longest, y + h / 2, f"p = {p}\nV_pad = {padded:,}", ha="right", va="center", fontsize=9)
         n_pad = padded - vocab_size
-        ax.text(padded + 0.01 * longest, y + h / 2,
-                f"{n_pad:,} padding id{'s' if n_pad != 1 else ''}" if n_pad else "no padding",
-                ha="left", va="center", fontsize=8)
+        ax.text(
+            padded + 0.01 * longest,
+            y + h / 2,
+            f"{n_pad:,} padding id{'s' if n_pad != 1 else ''}" if n_pad else "no padding",
+            ha="left",
+            va="center",
+            fontsize=8,
+        )
     ax.axvline(vocab_size, color="#333333", linestyle=":", linewidth=1.0)
     ax.text(vocab_size, len(degrees) - 0.12, f"V = {vocab_size:,}", ha="center", va="bottom", fontsize=8)
     return fig
