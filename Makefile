@@ -2,8 +2,9 @@
 #   make book   builds the HTML book into _build/html
 #   make test   runs every test (notebooks, unit tests, the book build, a real browser)
 #   make test-fast  the unit and property tests only (no processes, notebooks, book build or browser): about a minute
-#   make lint   ruff's lint and format checks on src/ and tests/ (not part of make test yet)
+#   make lint   ruff's lint and format checks (make test and make test-fast run them too, tests/test_lint.py)
 #   make test-portable  re-checks the notebooks' stored outputs under other kernels and thread counts
+#   make lab    JupyterLab on the chapters, from .venv (as a user or as root)
 # Both create .venv and install into it on first use.
 
 PYTHON ?= python3
@@ -13,7 +14,7 @@ STAMP  := $(VENV)/.installed
 # make setup TORCH=torch==2.5.1 picks another torch; the default is the CPU build pinned in constraints.txt.
 TORCH  ?=
 
-.PHONY: setup browser book test test-fast lint test-portable execute clean
+.PHONY: setup browser book test test-fast lint test-portable execute lab clean
 
 setup: $(STAMP)
 
@@ -44,11 +45,11 @@ test: $(STAMP) browser
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
 
-# Both checks run, and either failing fails the target. `ruff format src tests` rewrites the files.
+# Both checks run, and either failing fails the target. `ruff format src tests examples tools` rewrites the files.
 lint: $(STAMP)
 	@status=0; \
-	$(BIN)/ruff check src tests || status=1; \
-	$(BIN)/ruff format --check src tests || status=1; \
+	$(BIN)/ruff check src tests examples tools || status=1; \
+	$(BIN)/ruff format --check src tests examples tools || status=1; \
 	exit $$status
 
 # The notebooks under strict nbval again, once per setting that changes how float sums are rounded:
@@ -66,6 +67,11 @@ test-portable: $(STAMP)
 # Re-execute every chapter in place (stores outputs and widget state), after editing a notebook.
 execute: $(STAMP)
 	$(BIN)/python tools/execute_notebooks.py book/*.ipynb
+
+# JupyterLab on the chapters. --allow-root only lifts JupyterLab's refusal to run as root; it
+# changes nothing for other users. The server listens on 127.0.0.1 alone.
+lab: $(STAMP)
+	$(BIN)/jupyter lab --ip 127.0.0.1 --allow-root book/
 
 clean:
 	rm -rf _build

@@ -277,3 +277,12 @@ def test_broadcast_rejects_a_source_that_is_not_a_device():
     for src in (2, -1, True, 0.0):
         with pytest.raises(ValueError, match=r"is not a device of this list; use a rank in range\(2\)"):
             lists.broadcast([torch.zeros(1), torch.zeros(1)], src=src)
+
+
+def test_the_list_collectives_work_under_autograd():
+    """Rank-order sums are out of place, so autograd can record them (any number of devices)."""
+    xs = [torch.full((4,), float(r + 1), requires_grad=True) for r in range(3)]
+    total = lists.all_reduce(xs)[0]
+    total.sum().backward()
+    assert torch.equal(total.detach(), torch.full((4,), 6.0))
+    assert all(torch.equal(x.grad, torch.ones(4)) for x in xs)

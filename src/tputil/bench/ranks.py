@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..comm import DistGroup, ShmGroup
-from ..model import GPT
+from ..model import untrained_gpt
 from .timing import line_up, seconds
 from .torch_tp import local_value
 
@@ -46,14 +46,9 @@ def check_close(what, got, want, tol):
 
 
 def dense_model(config, seed=0, device=None):
-    """The dense GPT from a fixed seed, every bias and norm weight perturbed (GPT-2 inits them to 0 and 1)."""
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.to(device)
+    """The benchmark's dense GPT: `model.untrained_gpt` (biases and norms perturbed, so that a misplaced
+    one shows; the blocks GPT-2's init), in training mode, on `device`."""
+    return untrained_gpt(config, seed, block_std=None).train().to(device)
 
 
 def _batch(size, seed, device):

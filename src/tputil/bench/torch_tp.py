@@ -1,4 +1,4 @@
-"""PyTorch's own tensor parallelism on our dense GPT, for the benchmark (`tputil.bench`; chapter 15 later).
+"""PyTorch's own tensor parallelism on our dense GPT, for the benchmark (`tputil.bench`; chapter 15, planned).
 
 `torch_tp_model(dense, mesh, vocab_parallel=...)` copies the dense GPT, replaces each attention by
 `SplitQKVAttention` and applies `parallelize_module` with a plan, `torch_tp_plan`. The plan is data,

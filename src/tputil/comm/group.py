@@ -22,7 +22,7 @@ def reduce_in_rank_order(tensors, op: str):
         return tensors[0].clone()
     total = combine(tensors[0], tensors[1])
     for t in tensors[2:]:
-        combine(total, t, out=total)
+        total = combine(total, t)  # out of place: autograd may be recording (`course.lists`)
     return total
 
 
