@@ -45,6 +45,24 @@ def test_bench_runs_end_to_end_and_prints_one_table_with_all_columns():
 
 
 @pytest.mark.slow
+def test_the_command_writes_its_rows_and_table_as_json(tmp_path, capsys):
+    import argparse
+    import json
+
+    from tputil.bench.run import run
+
+    path = tmp_path / "bench.json"
+    args = argparse.Namespace(
+        sizes=[SMOKE], repeats=1, seed=0, p=2, variants=["ours_rep"], backend=None, omp_wait_policy="", json=str(path)
+    )
+    assert run(args) == 0
+    record = json.loads(path.read_text())
+    assert record["sizes"] == ["smoke"] and record["table"] in capsys.readouterr().out
+    assert {r["key"] for r in record["rows"]} == {"dense", "ours_rep"}
+    assert all(r["fwd"] > 0 and r["step"] > 0 for r in record["rows"])
+
+
+@pytest.mark.slow
 def test_the_guard_stops_a_mis_sharded_variant_before_timing():
     # ours with c_attn cut into contiguous rows (rank 0 gets q and half of k): the guard must raise
     with pytest.raises(RankError, match="correctness guard: ours_rep: logits differs from the dense model"):

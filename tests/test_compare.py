@@ -2,6 +2,8 @@
 the counter of real runs (TP and DP on run_threads), against the GPT's own parameter count, and
 against chapter 2's ring formula."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -117,6 +119,57 @@ def test_laws(p, B, T, n_layer):
     dp = compare.data_parallel(config, B=B * p, T=T, p=p)
     assert dp.step_wire == cost.ring_bytes("all_reduce", compare.gpt_num_params(config), p)
     assert tp.params_per_rank <= dp.params_per_rank
-    # the rows of compare() are the three functions' results
+    fs = compare.fully_sharded(config, B=B * p, T=T, p=p)
+    padded = fs.params_per_rank * p  # N rounded up to a multiple of p
+    assert padded - p < compare.gpt_num_params(config) <= padded
+    assert fs.step_wire == 3 * (p - 1) / p * padded  # two all-gathers and a reduce-scatter
+    assert fs.step_wire == pytest.approx(1.5 * dp.step_wire * padded / compare.gpt_num_params(config))
+    assert fs.training_state_per_rank == 4 * fs.params_per_rank
+    # the rows of compare() are the four functions' results
     rows = compare.compare(config, B=B * p, T=T, p=p if n_layer % p == 0 else 1, micro_batches=B * p)
-    assert [r.scheme for r in rows] == ["tensor", "data", "pipeline"]
+    assert [r.scheme for r in rows] == ["tensor", "data", "pipeline", "sharded"]
+
+
+def _fsdp_step(group, dense, idx, targets):
+    """ZeRO-3 on B/p sequences per rank: a flat shard of the parameters, gathered for the forward and again
+    for the backward, the gradients reduce-scattered; returns (this rank's gradient shard, the counts)."""
+    p, r = group.world_size, group.rank
+    params = list(dense.parameters())
+    flat = torch.cat([q.detach().reshape(-1) for q in params])
+    shard = -(-flat.numel() // p)
+    mine = torch.nn.functional.pad(flat, (0, shard * p - flat.numel())).chunk(p)[r].clone()
+
+    def gathered():
+        full = group.all_gather(mine, dim=0)[: flat.numel()]
+        return [w.view_as(q) for w, q in zip(full.split([q.numel() for q in params]), params)]
+
+    rows = slice(r * idx.size(0) // p, (r + 1) * idx.size(0) // p)
+    with group.stats.measure() as m:
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(torch.cat([w.reshape(-1) for w in gathered()]), params)
+        _, loss = dense(idx[rows], targets[rows])  # forward on the gathered weights
+        weights = gathered()  # freed after the forward in real FSDP: gathered again for the backward
+        assert all(torch.equal(w, q) for w, q in zip(weights, params))
+        grads = torch.autograd.grad(loss, params)
+        flat_grad = torch.nn.functional.pad(torch.cat([g.reshape(-1) for g in grads]), (0, shard * p - flat.numel()))
+        grad_shard = group.reduce_scatter(flat_grad, dim=0) / p
+    return grad_shard, m
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_fully_sharded_traffic_is_what_a_zero3_step_sends(p):
+    config = GPTConfig(**SMALL)
+    Bp = 4
+    dense = make_gpt()
+    idx = torch.randint(config.vocab_size, (Bp, T), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(config.vocab_size, (Bp, T), generator=torch.Generator().manual_seed(2))
+    _, loss = dense(idx, targets)
+    full = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(dense.parameters()))])
+    expect = compare.fully_sharded(config, B=Bp, T=T, p=p)
+    full = torch.nn.functional.pad(full, (0, expect.params_per_rank * p - full.numel()))
+    for r, (grad_shard, m) in enumerate(run_threads(lambda g: _fsdp_step(g, copy.deepcopy(dense), idx, targets), p)):
+        torch.testing.assert_close(grad_shard, full.chunk(p)[r], rtol=1e-5, atol=1e-6)  # the whole batch's
+        assert m.total_calls == expect.step_calls
+        assert m.total_bytes // 4 == expect.step_message
+        wire = sum(cost.ring_bytes(rec.kind, rec.nbytes, p) for rec in m.log) / 4
+        assert wire == expect.step_wire

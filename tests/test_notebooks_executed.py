@@ -8,6 +8,7 @@ which the book shows and nbval compares on other machines.
 Fix a failure with `make execute` (re-runs every notebook and stores its outputs); for a path or
 address, change the cell so it does not print it.
 """
+
 import re
 import socket
 import subprocess
@@ -25,7 +26,10 @@ def chapter_notebooks() -> list[Path]:
     try:
         out = subprocess.run(
             ["git", "ls-files", "--cached", "--others", "--exclude-standard", "book/*.ipynb"],
-            cwd=ROOT, capture_output=True, text=True, check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         paths = [ROOT / line for line in out.splitlines() if line.strip()]
     except (OSError, subprocess.CalledProcessError):
@@ -40,12 +44,13 @@ IDS = [p.relative_to(ROOT).as_posix() for p in NOTEBOOKS]
 # would match ordinary words, so they are not searched for.
 _FIXED_PATHS = ["/work/", "/root/", "/home/", "/tmp/", "/Users/"]
 _MACHINE_PATHS = {str(ROOT), str(Path.home()), sys.prefix, sys.base_prefix}
-_HOSTS = {h for h in {socket.gethostname(), socket.gethostname().split(".")[0]}
-          if len(h) >= 4 and h != "localhost"}
+_HOSTS = {h for h in {socket.gethostname(), socket.gethostname().split(".")[0]} if len(h) >= 4 and h != "localhost"}
 MACHINE_TEXT = [(f"absolute path {p!r}", re.compile(re.escape(p))) for p in _FIXED_PATHS]
-MACHINE_TEXT += [(f"this machine's path {p!r}", re.compile(re.escape(p) + r"(?![\w.-])"))
-                 for p in sorted(_MACHINE_PATHS)
-                 if len(p) > 1 and not any((p + "/").startswith(f) for f in _FIXED_PATHS)]
+MACHINE_TEXT += [
+    (f"this machine's path {p!r}", re.compile(re.escape(p) + r"(?![\w.-])"))
+    for p in sorted(_MACHINE_PATHS)
+    if len(p) > 1 and not any((p + "/").startswith(f) for f in _FIXED_PATHS)
+]
 MACHINE_TEXT += [
     ("Windows path", re.compile(r"\b[A-Za-z]:\\")),
     ("memory address", re.compile(r"0x[0-9a-fA-F]{8,}")),
@@ -58,15 +63,13 @@ _BINARY_MIMES = ("image/png", "image/jpeg", "image/gif", "application/pdf")
 
 def code_cells(nb):
     """(index, cell) of the non-empty code cells, in order."""
-    return [(i, c) for i, c in enumerate(nb.cells)
-            if c.cell_type == "code" and c.source.strip()]
+    return [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()]
 
 
 def marked_as_raising(cell) -> bool:
     """True if nbval expects this cell to raise (comment marker or cell tag)."""
     tags = set(cell.get("metadata", {}).get("tags", []))
-    return "NBVAL_RAISES_EXCEPTION" in cell.source or bool(
-        tags & {"raises-exception", "nbval-raises-exception"})
+    return "NBVAL_RAISES_EXCEPTION" in cell.source or bool(tags & {"raises-exception", "nbval-raises-exception"})
 
 
 def output_texts(output):
@@ -74,8 +77,9 @@ def output_texts(output):
     if output.output_type == "stream":
         yield output.get("text", "")
     elif output.output_type == "error":
-        yield _ANSI.sub("", "\n".join([output.get("ename", ""), output.get("evalue", ""),
-                                       *output.get("traceback", [])]))
+        yield _ANSI.sub(
+            "", "\n".join([output.get("ename", ""), output.get("evalue", ""), *output.get("traceback", [])])
+        )
     else:
         for mime, value in output.get("data", {}).items():
             if mime not in _BINARY_MIMES:
@@ -94,8 +98,7 @@ def test_there_are_notebooks():
 def test_every_code_cell_was_executed(path):
     nb = read(path)
     missing = [i for i, c in code_cells(nb) if c.execution_count is None]
-    assert not missing, (f"{path.name}: code cells {missing} (0-based) were never executed; "
-                         "run `make execute`")
+    assert not missing, f"{path.name}: code cells {missing} (0-based) were never executed; run `make execute`"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
@@ -103,19 +106,26 @@ def test_executed_top_to_bottom_in_one_run(path):
     nb = read(path)
     counts = [c.execution_count for _, c in code_cells(nb)]
     expected = list(range(1, len(counts) + 1))
-    assert counts == expected, (f"{path.name}: execution counts {counts}, expected {expected} "
-                                "(one fresh run, top to bottom); run `make execute`")
+    assert counts == expected, (
+        f"{path.name}: execution counts {counts}, expected {expected} "
+        "(one fresh run, top to bottom); run `make execute`"
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_no_error_outputs(path):
     nb = read(path)
-    errors = [f"cell {i}: {o.get('ename')}: {o.get('evalue')}"
-              for i, c in code_cells(nb) if not marked_as_raising(c)
-              for o in c.outputs if o.output_type == "error"]
-    assert not errors, (f"{path.name} stores errors (mark a cell that must raise with "
-                        "`# NBVAL_RAISES_EXCEPTION` and the `raises-exception` tag):\n"
-                        + "\n".join(errors))
+    errors = [
+        f"cell {i}: {o.get('ename')}: {o.get('evalue')}"
+        for i, c in code_cells(nb)
+        if not marked_as_raising(c)
+        for o in c.outputs
+        if o.output_type == "error"
+    ]
+    assert not errors, (
+        f"{path.name} stores errors (mark a cell that must raise with "
+        "`# NBVAL_RAISES_EXCEPTION` and the `raises-exception` tag):\n" + "\n".join(errors)
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
@@ -128,8 +138,44 @@ def test_no_machine_specific_text_in_outputs(path):
                 for what, pattern in MACHINE_TEXT:
                     m = pattern.search(text)
                     if m:
-                        line = text[text.rfind("\n", 0, m.start()) + 1:].split("\n", 1)[0]
+                        line = text[text.rfind("\n", 0, m.start()) + 1 :].split("\n", 1)[0]
                         found.append(f"cell {i}: {what} in {line.strip()[:120]!r}")
-    assert not found, (f"{path.name}: outputs carry text of this machine (print relative paths, "
-                       "catch an exception and print its message instead of a traceback, "
-                       "do not print object reprs with addresses):\n" + "\n".join(found))
+    assert not found, (
+        f"{path.name}: outputs carry text of this machine (print relative paths, "
+        "catch an exception and print its message instead of a traceback, "
+        "do not print object reprs with addresses):\n" + "\n".join(found)
+    )
+
+
+# What JupyterLab writes into a notebook when it opens it with ipykernel's python3 kernel. A stored
+# notebook that differs is marked modified the moment a learner opens it.
+JUPYTERLAB_KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+KERNEL_LANGUAGE_INFO = {
+    "codemirror_mode",
+    "file_extension",
+    "mimetype",
+    "name",
+    "nbconvert_exporter",
+    "pygments_lexer",
+    "version",
+}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_metadata_is_what_jupyterlab_writes(path):
+    meta = read(path).metadata
+    assert dict(meta.get("kernelspec", {})) == JUPYTERLAB_KERNELSPEC, (
+        f"{path.name}: kernelspec {dict(meta.get('kernelspec', {}))}; run `make execute`"
+    )
+    info = meta.get("language_info", {})
+    assert set(info) == KERNEL_LANGUAGE_INFO and info["name"] == "python", (
+        f"{path.name}: language_info {dict(info)} is not what the kernel reports; run `make execute`"
+    )
+
+
+def test_jupyterlab_would_write_that_kernelspec():
+    """The expected kernelspec above is the installed ipykernel's, not a guess."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    assert {"display_name": spec.display_name, "language": spec.language, "name": "python3"} == JUPYTERLAB_KERNELSPEC

@@ -124,6 +124,8 @@ def test_tp_tour_on_threads():
         assert o["forward"]["rank"] == r and o["pid"] == os.getpid() and o["backend"] is None
         (timing,) = o["timing"]
         assert timing["forward"] > 0 and len(timing["all_reduces"]) == 2 * TINY.n_layer
+        fastest, slowest = timing["forward_range"]
+        assert 0 < fastest <= timing["forward"] <= slowest and timing["all_reduce"] > 0
         spans = timing["all_reduces"]  # from the group's timed records: in order, inside the pass
         assert all(0 <= a <= b <= timing["one_pass"] for a, b in spans)
         assert all(b <= c for (_, b), (c, _) in zip(spans, spans[1:]))

@@ -3,13 +3,17 @@
 Usage: python tools/execute_notebooks.py book/01_toy_all_reduce.ipynb [more.ipynb ...]
 
 Each notebook runs in a fresh kernel with the notebook's folder as working directory; outputs and
-ipywidgets state are stored (the HTML book renders widgets from that saved state). Metadata that
-differs between machines (the kernel's Python patch version) is dropped so diffs stay clean.
+ipywidgets state are stored (the HTML book renders widgets from that saved state). The notebook's
+kernelspec and language_info are stored as JupyterLab writes them when it opens the notebook with
+ipykernel's `python3` kernel, so a learner's JupyterLab does not mark a notebook modified on
+opening it (with the same Python version).
 """
+
 import sys
 from pathlib import Path
 
 import nbformat
+from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
 
@@ -23,8 +27,8 @@ def execute(path: Path) -> None:
         store_widget_state=True,
     )
     client.execute()
-    nb.metadata.get("language_info", {}).pop("version", None)
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    nb.metadata["kernelspec"] = {"display_name": spec.display_name, "language": spec.language, "name": "python3"}
     nbformat.write(nb, path)
     print(f"executed {path}")
 

@@ -99,7 +99,7 @@ class ColumnParallelLinear(nn.Module):
     async_grad_all_reduce (Megatron-LM's asynchronous tensor-parallel all-reduce): backward starts
     the all-reduce of dL/dX with async_op=True and computes dL/dW and dL/db while it travels, then
     waits; it takes f's place (the same all-reduce, with f's tag). The forward and the results are
-    the same (up to float32 rounding: other matmul shapes); only a `DistGroup` really overlaps.
+    the same (up to float32 rounding: other matmul shapes); it overlaps only on a group whose handle is not yet done.
 
     forward: copy_to_parallel_region (f) -> X A_r + b_r -> (gather_from_parallel_region).
     """

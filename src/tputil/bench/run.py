@@ -32,6 +32,7 @@ What every rank does (the guard, the interleaved rounds, the timing of collectiv
 """
 
 import argparse
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -177,6 +178,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default=None, help="gloo or nccl (default: nccl if there are p GPUs)")
     parser.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of the ranks; '' inherits")
+    parser.add_argument(
+        "--json", default=None, metavar="PATH", help="also write the rows and the table to PATH as JSON"
+    )
     return parser
 
 
@@ -192,6 +196,11 @@ def run(args: argparse.Namespace) -> int:
         omp_wait_policy=args.omp_wait_policy or None,
     )
     print(result.table)
+    if getattr(args, "json", None):
+        record = dict(sizes=[s.name for s in result.sizes], rows=result.rows, table=result.table, wall_s=result.wall_s)
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
     return 0
 
 

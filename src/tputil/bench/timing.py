@@ -2,8 +2,9 @@
 
 `slowest_rank_seconds(run, group, reps=..., warmup=...)`: the median over reps of the slowest
 rank's seconds for run(), the same number on every rank (chapter 2's all-reduce timings, chapter
-8's forward passes). Its two steps are public for a caller that times in its own rounds (the
-benchmark, `bench.ranks`): `line_up(group)` and `seconds(run, device)`.
+8's forward passes); `slowest_rank_times` keeps every rep. Its two steps are public for a caller
+that times in its own rounds (the benchmark, `bench.ranks`): `line_up(group)` and
+`seconds(run, device)`.
 
 The time of single collectives, call by call, is recorded by the group itself
 (`group.stats.measure(timed=True)`, see `comm.CommStats`).
@@ -33,13 +34,18 @@ def seconds(run, device="cpu"):
 
 
 def slowest_rank_seconds(run, group=None, *, reps: int = 20, warmup: int = 3) -> float:
-    """Median over reps of the slowest rank's seconds for run(), after warmup untimed calls.
+    """Median of `slowest_rank_times(run, group, reps=reps, warmup=warmup)`."""
+    return statistics.median(slowest_rank_times(run, group, reps=reps, warmup=warmup))
+
+
+def slowest_rank_times(run, group=None, *, reps: int = 20, warmup: int = 3) -> list[float]:
+    """The slowest rank's seconds for each of reps calls of run(), after warmup untimed calls.
 
     With a group of several ranks every rank must call it, with a run that makes the same
     collectives on every rank. Before each timed call the ranks line up (`line_up`); after it an
     all-reduce (max) of the elapsed seconds gives the call's time on its slowest rank, the time
     the call really took. Those collectives are outside the timed region (counted in
-    group.stats all the same). group None: this process alone. Returns the same float on every rank.
+    group.stats all the same). group None: this process alone. Returns the same list on every rank.
     """
     if reps < 1 or warmup < 0:
         raise ValueError(f"reps={reps} must be >= 1 and warmup={warmup} >= 0")
@@ -53,4 +59,4 @@ def slowest_rank_seconds(run, group=None, *, reps: int = 20, warmup: int = 3) ->
         if group is not None:
             elapsed = group.all_reduce(elapsed, op="max")  # the slowest rank's time
         times.append(elapsed.item())
-    return statistics.median(times)
+    return times

@@ -42,7 +42,8 @@ def collectives_demo(group, xs, *, src=0, dim=-1):
 def time_all_reduce(group, sizes, *, reps=5, warmup=2):
     """Seconds per all-reduce of a float32 tensor of each size in `sizes` (bytes), on this group.
 
-    For each size: `warmup` untimed calls, then `reps` timed ones; a call's time is the slowest
+    First one untimed all-reduce of every size, in order (the first calls of a fresh group pay for
+    setting it up); then for each size `warmup` untimed calls and `reps` timed ones; a call's time is the slowest
     rank's (an all-reduce is done when the last rank has its result), and the median over the reps
     is reported (`bench.timing.slowest_rank_seconds`). Returns {"nbytes": [...], "seconds": [...],
     "world_size": p}, the same on every rank. The group's out-of-place copy of the input is part
@@ -53,6 +54,8 @@ def time_all_reduce(group, sizes, *, reps=5, warmup=2):
     for nbytes in sizes:
         if nbytes % 4 != 0 or nbytes <= 0:
             raise ValueError(f"size {nbytes} bytes: use a positive multiple of 4 (float32 numbers)")
+    for nbytes in sizes:  # a fresh group's first calls also set up connections and buffers: not timed
+        group.all_reduce(torch.ones(nbytes // 4, device=group.device))
     seconds = [
         slowest_rank_seconds(
             partial(group.all_reduce, torch.ones(nbytes // 4, device=group.device)), group, reps=reps, warmup=warmup

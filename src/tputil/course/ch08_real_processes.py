@@ -28,6 +28,7 @@ each rank instead of sending it.
 
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -38,7 +39,7 @@ from functools import partial
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ..bench.timing import line_up, slowest_rank_seconds
+from ..bench.timing import line_up, slowest_rank_seconds, slowest_rank_times
 from ..model import GPT
 from ..tp_model import TPGPT
 
@@ -82,15 +83,20 @@ def timed_all_reduces(group):
     spans.extend((r.start, r.start + r.seconds) for r in m.log if r.kind == "all_reduce")
 
 
-def time_forward(model, idx, *, group=None, reps=20, warmup=3):
-    """Median seconds per forward pass of `model` on `idx` (no gradients), the slowest rank's.
+def forward_times(model, idx, *, group=None, reps=20, warmup=3):
+    """Seconds of each of reps forward passes of `model` on `idx` (no gradients), the slowest rank's.
 
     With a group of several ranks every rank must call it (each forward communicates); see
-    `bench.timing.slowest_rank_seconds`, which lines the ranks up before each timed pass and
-    takes each pass's slowest rank. Returns the same number on every rank.
+    `bench.timing.slowest_rank_times`, which lines the ranks up before each timed pass and takes
+    each pass's slowest rank. Returns the same list on every rank.
     """
     with torch.no_grad():
-        return slowest_rank_seconds(lambda: model(idx), group, reps=reps, warmup=warmup)
+        return slowest_rank_times(lambda: model(idx), group, reps=reps, warmup=warmup)
+
+
+def time_forward(model, idx, *, group=None, reps=20, warmup=3):
+    """Median of `forward_times`: seconds per forward pass, the slowest rank's."""
+    return statistics.median(forward_times(model, idx, group=group, reps=reps, warmup=warmup))
 
 
 def profile_forward(model, idx, *, row_limit=12):
@@ -126,9 +132,11 @@ def tp_tour(group, dense, idx, targets, timing_runs=(), reps=20):
     Returns a dict: "forward" (`tp_forward`'s result), "env" (the torchrun-style variables this
     process was started with, None where unset), "pid", "backend", "threads" (torch's intra-op
     threads), and "timing": for each (config, B, T) in `timing_runs`, the median seconds of the TP
-    forward of `seeded_gpt_and_batch(config, B, T)` (`time_forward`), and one more pass timed on
-    its own: "one_pass" seconds, and "all_reduces", the (start, end) of each all-reduce in seconds
-    from the start of that pass (`timed_all_reduces`; none at world_size 1); "profile": rank 0's
+    forward of `seeded_gpt_and_batch(config, B, T)` ("forward", `forward_times`) and the fastest and
+    slowest of those passes ("forward_range"), the median seconds of one all-reduce of the pass's
+    message, (B, T, C) float32 ("all_reduce"), and one more pass timed on its own: "one_pass"
+    seconds, and "all_reduces", the (start, end) of each all-reduce in seconds from the start of
+    that pass (`timed_all_reduces`; none at world_size 1); "profile": rank 0's
     `profile_forward` of the TP model of `dense` (None on the other ranks, which run the pass too).
     """
     out = dict(
@@ -142,14 +150,22 @@ def tp_tour(group, dense, idx, targets, timing_runs=(), reps=20):
     for config, B, T in timing_runs:
         timing_dense, timing_idx = seeded_gpt_and_batch(config, B, T)
         model = TPGPT.from_dense(timing_dense, group=group).eval()
-        seconds = time_forward(model, timing_idx, group=group, reps=reps)
+        times = forward_times(model, timing_idx, group=group, reps=reps)
+        message = torch.zeros(B, T, config.n_embd)  # what each of the pass's all-reduces carries
+        all_reduce = slowest_rank_seconds(lambda m=message: group.all_reduce(m), group, reps=reps)
         line_up(group)
         with torch.no_grad(), timed_all_reduces(group) as spans:
             start = time.perf_counter()
             model(timing_idx)
             total = time.perf_counter() - start
         out["timing"].append(
-            dict(forward=seconds, one_pass=total, all_reduces=[(a - start, b - start) for a, b in spans])
+            dict(
+                forward=statistics.median(times),
+                forward_range=(min(times), max(times)),
+                one_pass=total,
+                all_reduces=[(a - start, b - start) for a, b in spans],
+                all_reduce=all_reduce,
+            )
         )
     model = TPGPT.from_dense(dense, group=group).eval()
     if group.rank == 0:

@@ -30,7 +30,12 @@ The assumptions, one scheme each (p ranks):
   step. The busiest rank is reported. A stage waits (p-1)/(m+p-1) of the step: the bubble.
   p must divide n_layer and m must divide B.
 
-Not counted anywhere: gradients, optimizer states and activations in memory (only parameters),
+- FSDP (ZeRO-3, `fully_sharded`): replicas as in DP, but each rank stores 1/p of the parameters,
+  gradients and optimizer state; the parameters are all-gathered before the forward and again before
+  the backward, the gradients reduce-scattered: 3(p-1)/p * N numbers sent per step, 1.5 times DP's.
+
+Memory: `params_per_rank`, and `training_state_per_rank` (parameters, gradients, two AdamW moments).
+Not counted anywhere: activations, FSDP's transient full copy of the unit being computed,
 overlap of communication with compute, and latency (every call costs the same per number).
 """
 
@@ -48,6 +53,7 @@ __all__ = [
     "tensor_parallel",
     "data_parallel",
     "pipeline_parallel",
+    "fully_sharded",
     "compare",
 ]
 
@@ -91,6 +97,11 @@ class Traffic:
     step_wire: float
     params_per_rank: int  # parameters this rank holds
     idle_fraction: float = 0.0  # the pipeline bubble; 0 for the others
+
+    @property
+    def training_state_per_rank(self) -> int:
+        """Numbers a rank keeps between steps: its parameters, their gradients and AdamW's two moments."""
+        return 4 * self.params_per_rank
 
 
 def tensor_parallel(config, *, B: int, T: int, p: int) -> Traffic:
@@ -146,10 +157,26 @@ def pipeline_parallel(config, *, B: int, T: int, p: int, micro_batches: int) -> 
     )
 
 
+def fully_sharded(config, *, B: int, T: int, p: int) -> Traffic:
+    """ZeRO-3 / FSDP: replicas on B/p sequences each, every parameter, gradient and optimizer state split
+    into p flat shards (N padded to a multiple of p). Forward: an all-gather of the parameters; backward:
+    another (they are freed after use) and a reduce-scatter of the gradients. Counted as one flat unit:
+    real FSDP gathers module by module (more calls, the same numbers)."""
+    divide(B, p, "B")
+    params = gpt_num_params(config)
+    shard = -(-params // p)  # ceil(N / p): this rank's flat shard
+    if p == 1:
+        return Traffic("sharded", 1, 0, 0, 0.0, 0, 0, 0.0, params)
+    gather = ring_bytes("all_gather", shard, p)  # (p - 1) / p of the padded N
+    scatter = ring_bytes("reduce_scatter", shard * p, p)
+    return Traffic("sharded", p, 1, shard, gather, 3, 2 * shard + shard * p, 2 * gather + scatter, shard)
+
+
 def compare(config, *, B: int, T: int, p: int, micro_batches: int) -> list[Traffic]:
-    """The three schemes at the same p, batch and model: [tensor, data, pipeline]."""
+    """The four schemes at the same p, batch and model: [tensor, data, pipeline, fully sharded data]."""
     return [
         tensor_parallel(config, B=B, T=T, p=p),
         data_parallel(config, B=B, T=T, p=p),
         pipeline_parallel(config, B=B, T=T, p=p, micro_batches=micro_batches),
+        fully_sharded(config, B=B, T=T, p=p),
     ]

@@ -20,13 +20,25 @@ The ring, for a tensor of N bytes cut into p chunks of N/p:
   at once (a pipeline); every device but the last forwards all of it: N (the last sends nothing).
 
 One device (p = 1) sends nothing, as ``Group`` returns at once.
+
+When tensor parallelism pays (chapter 8): ``tp_layer_ratio`` is a transformer layer's all-reduce
+time over its matrix-product time under TP, ``tp_largest_degree`` the largest p that keeps it at
+or below a bound.
 """
 
 from __future__ import annotations
 
 from ..comm.group import KINDS  # the collectives that Group counts, in its order
 
-__all__ = ["KINDS", "ring_bytes", "ring_steps", "ring_time", "fit_latency_bandwidth"]
+__all__ = [
+    "KINDS",
+    "ring_bytes",
+    "ring_steps",
+    "ring_time",
+    "fit_latency_bandwidth",
+    "tp_layer_ratio",
+    "tp_largest_degree",
+]
 
 
 def _check(kind: str, p: int) -> None:
@@ -60,8 +72,9 @@ def ring_bytes(kind: str, nbytes: float, p: int) -> float:
 def ring_steps(kind: str, p: int) -> int:
     """Communication steps one after the other: 2(p - 1) for all_reduce, p - 1 for the others.
 
-    Each step pays the fixed start-up cost (the latency) once; for broadcast this counts the
-    pipeline's fill from src to the last device, p - 1 hops.
+    Each step pays the fixed start-up cost (the latency) once. For broadcast, p - 1 is the
+    pipeline's fill from src to the last device: with the tensor in k pieces it takes p - 2 + k
+    steps of N/k bytes each, so `ring_time` gives its limit for many cheap pieces, a lower bound.
     """
     _check(kind, p)
     return 2 * (p - 1) if kind == "all_reduce" else p - 1
@@ -79,26 +92,66 @@ def ring_time(kind: str, nbytes: float, p: int, *, latency: float, bandwidth: fl
 
 
 def fit_latency_bandwidth(kind: str, nbytes, seconds, p: int) -> tuple[float, float]:
-    """Latency (s per step) and bandwidth (bytes/s) of the alpha-beta model, from measured times.
+    """Latency (s per step) and bandwidth (bytes/s) of the alpha-beta model, fitted to all measured times.
 
-    A two-point estimate: latency = the smallest message's time / ring_steps; bandwidth = the
-    largest's ring_bytes / (its time - ring_steps * latency). The sizes in between are not used.
-    ValueError at p = 1, with fewer than two sizes, or if the largest took no longer than the
-    smallest.
+    The model t = ring_steps * latency + ring_bytes / bandwidth is a line a + b * w in w = ring_bytes.
+    The fit minimizes the sum of relative errors |a + b w_i - t_i| / t_i over a >= 0, b > 0: every
+    point counts in proportion to its own size (the times span orders of magnitude), and one slow
+    outlier moves the line little, as a least-absolute-deviation fit's. Such a fit passes through
+    two of the points (or through one and the origin), so it is found exactly by trying them all.
+    ValueError at p = 1, with fewer than two sizes, or if the largest message took no longer than
+    the smallest.
     """
     _check(kind, p)
     if p == 1:
         raise ValueError("p=1 sends nothing: there is no latency or bandwidth to fit")
-    points = sorted(zip(nbytes, seconds))
+    points = sorted(zip((ring_bytes(kind, n, p) for n in nbytes), seconds))
     if len(points) < 2 or points[0][0] == points[-1][0]:
         raise ValueError("need timings of at least two different sizes")
-    (small_n, small_t), (large_n, large_t) = points[0], points[-1]
-    steps = ring_steps(kind, p)
-    latency = small_t / steps
-    rest = large_t - steps * latency
-    if rest <= 0:
+    if any(t <= 0 for _, t in points):
+        raise ValueError(f"every time must be positive: {[t for _, t in points]}")
+    if points[-1][1] <= points[0][1]:
         raise ValueError(
-            f"the largest message ({large_n} bytes) took no longer than the smallest "
-            f"({small_n} bytes): measure larger sizes to see the bandwidth"
+            "the largest message took no longer than the smallest: measure larger sizes to see the bandwidth"
         )
-    return latency, ring_bytes(kind, large_n, p) / rest
+
+    def error(a, b):
+        return sum(abs(a + b * w - t) / t for w, t in points)
+
+    candidates = [(0.0, t / w) for w, t in points if w > 0]  # through the origin and one point
+    for i, (w1, t1) in enumerate(points):
+        for w2, t2 in points[i + 1 :]:
+            if w2 > w1 and t2 > t1:
+                b = (t2 - t1) / (w2 - w1)
+                candidates.append((max(t1 - b * w1, 0.0), b))
+    a, b = min(candidates, key=lambda ab: error(*ab))
+    return a / ring_steps(kind, p), 1.0 / b
+
+
+def tp_layer_ratio(n_embd: int, p: int, *, bytes_per_number: float, flops: float, bandwidth: float) -> float:
+    """All-reduce time over matrix time of one transformer layer's forward under TP, bandwidth term only.
+
+    Per token, a rank does 24 C^2 / p FLOPs of matrix products (c_attn 3C^2, attn.c_proj C^2, c_fc
+    4C^2, mlp.c_proj 4C^2 multiply-adds; the attention scores' 4 T C are left out) at `flops` per
+    second, and sends 2 ring all-reduces of C numbers: 4 (p-1)/p * C * bytes_per_number bytes at
+    `bandwidth` bytes per second. The ratio is (p - 1) * bytes_per_number * flops / (6 C bandwidth):
+    B * T cancels. The backward pass does twice the matrix work and as many all-reduces of the same
+    size: its ratio is half this one. Latency is not included (see `ring_time`).
+    """
+    if n_embd <= 0 or p < 1 or bytes_per_number <= 0 or flops <= 0 or bandwidth <= 0:
+        raise ValueError(
+            f"need n_embd > 0, p >= 1 and positive sizes and rates: n_embd={n_embd}, p={p}, "
+            f"bytes_per_number={bytes_per_number}, flops={flops}, bandwidth={bandwidth}"
+        )
+    return (p - 1) * bytes_per_number * flops / (6 * n_embd * bandwidth)
+
+
+def tp_largest_degree(n_embd: int, *, bytes_per_number: float, flops: float, bandwidth: float, ratio: float = 1.0):
+    """The largest p with `tp_layer_ratio` <= ratio: 1 + floor(ratio * 6 C bandwidth / (bytes * flops)).
+
+    ratio 1: the all-reduces take no longer than the matrix products, so p ranks run a layer at
+    least p/2 times as fast as one (with no overlap of the two).
+    """
+    if ratio <= 0:
+        raise ValueError(f"ratio={ratio} must be > 0")
+    return 1 + int(ratio * 6 * n_embd * bandwidth // (bytes_per_number * flops))
