@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from .dist import DistGroup
-from .group import REDUCE_OPS, Handle, reduce_in_rank_order
+from .group import REDUCE_OPS, Group, reduce_in_rank_order
 from .threads import CollectiveError
 
 _OPS = {op: code for code, op in enumerate(REDUCE_OPS, start=1)}  # 0: nothing written yet
@@ -163,8 +163,7 @@ class ShmGroup(DistGroup):
             raise CollectiveError(self._mismatch(header, seq))
         return reduce_in_rank_order(buffers, op).view(t.shape)  # a tensor of this rank's own
 
-    def _start_all_reduce(self, t, op):
-        return Handle(self._all_reduce(t, op))  # synchronous (see the module), whatever DistGroup does
+    _start_all_reduce = Group._start_all_reduce  # synchronous (see the module), not DistGroup's async one
 
     def _wait_for(self, slot, seq):
         """Spin until every rank's sequence number in this slot is seq; yield the core when it takes long.
