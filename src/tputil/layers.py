@@ -26,8 +26,10 @@ from .comm import (
     copy_to_parallel_region,
     gather_from_parallel_region,
     reduce_from_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
     scatter_to_parallel_region,
 )
+from .comm.mappings import SEQUENCE_DIM
 from .model import check_token_ids
 from .shard import divide, gather_tensors, pad_vocab_size, shard_tensor, vocab_range
 
@@ -87,6 +89,39 @@ class _LinearAsyncGradAllReduce(torch.autograd.Function):
         return None if started is None else started.wait(), grad_w, grad_b, None
 
 
+class _LinearSequenceParallel(torch.autograd.Function):
+    """The all-gather along T and Y = X W^T + b in one (chapter 11), saving only this rank's X_r for backward.
+
+    forward: X = all-gather of the ranks' X_r (B, T/p, in) along T, Y = X W^T + b (B, T, out/p).
+    backward (Megatron-LM's choice: keep T/p tokens, pay a second all-gather): X all-gathered again,
+    dL/dW = dL/dY^T X, dL/db, and dL/dX = dL/dY W, a partial sum over this rank's out/p features,
+    reduce-scattered along T: the sum over ranks, each keeping its own T/p tokens.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.save_for_backward(x, weight)  # x: (B, T/p, in), the 1/p of the input
+        ctx.group, ctx.has_bias = group, bias is not None
+        total = group.all_gather(x, dim=SEQUENCE_DIM, tag="column_parallel_sequence_parallel.forward")  # (B, T, in)
+        return F.linear(total, weight, bias)  # (B, T, out/p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad2d = grad.reshape(-1, grad.size(-1))  # (B*T, out/p)
+        grad_x = grad_w = grad_b = None
+        if need_w:  # the input again: the all-gather forward did, recomputed instead of saved
+            total = ctx.group.all_gather(x, dim=SEQUENCE_DIM, tag="column_parallel_sequence_parallel.backward")
+            grad_w = grad2d.t() @ total.reshape(-1, total.size(-1))  # (out/p, in)
+        if ctx.has_bias and need_b:
+            grad_b = grad2d.sum(0)  # (out/p,)
+        if need_x:  # (B, T, in) partial over features -> (B, T/p, in) summed, own tokens
+            tag = "column_parallel_sequence_parallel.backward"
+            grad_x = ctx.group.reduce_scatter(grad @ weight, dim=SEQUENCE_DIM, tag=tag)
+        return grad_x, grad_w, grad_b, None
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = XA + b, A split by columns: A = [A_1, ..., A_p], b = [b_1, ..., b_p].
 
@@ -101,6 +136,10 @@ class ColumnParallelLinear(nn.Module):
     waits; it takes f's place (the same all-reduce, with f's tag). The forward and the results are
     the same (up to float32 rounding: other matmul shapes); it overlaps only on a group whose handle is not yet done.
 
+    sequence_parallel (chapter 11): X arrives split along T, (B, T/p, in); forward all-gathers it
+    along T in place of f, backward all-gathers it again for dL/dW (only X_r is saved) and
+    reduce-scatters dL/dX along T in place of f's all-reduce. Not combined with async_grad_all_reduce.
+
     forward: copy_to_parallel_region (f) -> X A_r + b_r -> (gather_from_parallel_region).
     """
 
@@ -114,6 +153,7 @@ class ColumnParallelLinear(nn.Module):
         gather_output: bool = False,
         stride: int = 1,
         async_grad_all_reduce: bool = False,
+        sequence_parallel: bool = False,
         device=None,
         dtype=None,
         generator=None,
@@ -125,6 +165,7 @@ class ColumnParallelLinear(nn.Module):
         self.gather_output = gather_output
         self.stride = stride
         self.async_grad_all_reduce = async_grad_all_reduce
+        self.sequence_parallel = sequence_parallel
         p = group.world_size
         if stride < 1 or out_features % stride != 0:
             raise ValueError(f"out_features={out_features} is not divisible by stride={stride}")
@@ -142,6 +183,7 @@ class ColumnParallelLinear(nn.Module):
         gather_output: bool = False,
         stride: int = 1,
         async_grad_all_reduce: bool = False,
+        sequence_parallel: bool = False,
     ):
         """This rank's A_r and b_r of a dense nn.Linear, on its device and in its dtype; nothing drawn."""
         w, b, r, p = linear.weight, linear.bias, group.rank, group.world_size
@@ -153,6 +195,7 @@ class ColumnParallelLinear(nn.Module):
             gather_output=gather_output,
             stride=stride,
             async_grad_all_reduce=async_grad_all_reduce,
+            sequence_parallel=sequence_parallel,
             device="meta",
             dtype=w.dtype,
         )
@@ -162,7 +205,14 @@ class ColumnParallelLinear(nn.Module):
         return materialize(layer, shard, device=w.device)
 
     def forward(self, x):
-        if self.async_grad_all_reduce and self.group.world_size > 1:  # f inside: its all-reduce overlapped
+        if self.sequence_parallel and self.async_grad_all_reduce:
+            raise ValueError(
+                "sequence_parallel replaces the all-reduce that async_grad_all_reduce overlaps by a "
+                "reduce-scatter: set one of them to False"
+            )
+        if self.sequence_parallel and self.group.world_size > 1:  # (B, T/p, in) -> all-gather along T inside
+            y = _LinearSequenceParallel.apply(x, self.weight, self.bias, self.group)  # (B, T, out/p) sharded
+        elif self.async_grad_all_reduce and self.group.world_size > 1:  # f inside: its all-reduce overlapped
             y = _LinearAsyncGradAllReduce.apply(x, self.weight, self.bias, self.group)  # (..., out/p) sharded
         else:
             x = copy_to_parallel_region(x, self.group)  # (..., in) replicated; f: all-reduce of grads in backward
@@ -179,6 +229,7 @@ class ColumnParallelLinear(nn.Module):
             f"({self.out_features_per_rank} on rank {self.group.rank} of {self.group.world_size}), "
             f"bias={self.bias is not None}, gather_output={self.gather_output}, stride={self.stride}"
             + (", async_grad_all_reduce=True" if self.async_grad_all_reduce else "")
+            + (", sequence_parallel=True" if self.sequence_parallel else "")
         )
 
 
@@ -189,6 +240,10 @@ class RowParallelLinear(nn.Module):
     X_r A_r; Y = sum_r X_r A_r + b is one all-reduce. b is replicated and added once, after the
     reduce (adding it on every rank before would add it p times). With input_is_parallel=False
     the layer takes the full X and keeps its own X_r first.
+
+    sequence_parallel (chapter 11): the sum is reduce-scattered along T instead of all-reduced, so
+    each rank gets Y for its own T/p tokens, (B, T/p, out); b is added to those. b's gradient is
+    then this rank's tokens' part only: all-reduce it after backward (`TPGPT.all_reduce_sequence_parallel_grads`).
 
     forward: (scatter_to_parallel_region) -> X_r A_r -> reduce_from_parallel_region (g) -> + b.
     """
@@ -201,6 +256,7 @@ class RowParallelLinear(nn.Module):
         group,
         bias: bool = True,
         input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
         device=None,
         dtype=None,
         generator=None,
@@ -210,13 +266,14 @@ class RowParallelLinear(nn.Module):
         self.out_features = out_features
         self.group = group
         self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = sequence_parallel
         self.in_features_per_rank = divide(in_features, group.world_size, "in_features")
         w, b = _master_weight(out_features, in_features, bias, device, dtype, generator)
         self.weight = nn.Parameter(shard_tensor(w, group.rank, group.world_size, 1))  # (out, in/p)
         self.bias = nn.Parameter(b) if bias else None  # (out,) replicated
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, *, group, input_is_parallel: bool = True):
+    def from_dense(cls, linear: nn.Linear, *, group, input_is_parallel: bool = True, sequence_parallel: bool = False):
         """This rank's A_r and the whole b of a dense nn.Linear, on its device and in its dtype; nothing drawn."""
         w, b = linear.weight, linear.bias
         layer = cls(
@@ -225,6 +282,7 @@ class RowParallelLinear(nn.Module):
             group=group,
             bias=b is not None,
             input_is_parallel=input_is_parallel,
+            sequence_parallel=sequence_parallel,
             device="meta",
             dtype=w.dtype,
         )
@@ -237,7 +295,10 @@ class RowParallelLinear(nn.Module):
         if not self.input_is_parallel:
             x = scatter_to_parallel_region(x, self.group)  # (..., in/p) this rank's columns of X
         y = F.linear(x, self.weight)  # (..., out) a partial sum: this rank's X_r A_r
-        y = reduce_from_parallel_region(y, self.group)  # (..., out) replicated; g: the one all-reduce
+        if self.sequence_parallel:  # (B, T/p, out) this rank's tokens, summed: a reduce-scatter along T
+            y = reduce_scatter_to_sequence_parallel_region(y, self.group)
+        else:
+            y = reduce_from_parallel_region(y, self.group)  # (..., out) replicated; g: the one all-reduce
         if self.bias is not None:
             y = y + self.bias  # once, after the reduce
         return y
@@ -247,6 +308,7 @@ class RowParallelLinear(nn.Module):
             f"in_features={self.in_features} ({self.in_features_per_rank} on rank {self.group.rank} "
             f"of {self.group.world_size}), out_features={self.out_features}, bias={self.bias is not None}, "
             f"input_is_parallel={self.input_is_parallel}"
+            + (", sequence_parallel=True" if self.sequence_parallel else "")
         )
 
 
@@ -261,6 +323,9 @@ class VocabParallelEmbedding(nn.Module):
     numbers. Backward: identity through the all-reduce (g), then each rank adds dL/dY into its
     own ids' rows only (the zeroed rows pass no gradient).
 
+    sequence_parallel (chapter 11): the partial rows are reduce-scattered along T instead of
+    all-reduced, straight into the sequence-parallel region: (B, T/p, C), this rank's tokens.
+
     forward: mask -> local lookup -> zero foreign rows -> reduce_from_parallel_region (g).
     """
 
@@ -271,11 +336,13 @@ class VocabParallelEmbedding(nn.Module):
         *,
         group,
         padded_vocab_size: int | None = None,
+        sequence_parallel: bool = False,
         device=None,
         dtype=None,
         generator=None,
     ):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         p = group.world_size
         if padded_vocab_size is None:
             padded_vocab_size = pad_vocab_size(num_embeddings, p)
@@ -295,7 +362,9 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(shard_tensor(w, group.rank, p, 0))  # (V_pad/p, C)
 
     @classmethod
-    def from_dense(cls, embedding: nn.Embedding, *, group, padded_vocab_size: int | None = None):
+    def from_dense(
+        cls, embedding: nn.Embedding, *, group, padded_vocab_size: int | None = None, sequence_parallel: bool = False
+    ):
         """This rank's rows of a dense nn.Embedding, zeros for padding, on its device, in its dtype; none drawn."""
         w = embedding.weight.detach()
         layer = cls(
@@ -303,6 +372,7 @@ class VocabParallelEmbedding(nn.Module):
             embedding.embedding_dim,
             group=group,
             padded_vocab_size=padded_vocab_size,
+            sequence_parallel=sequence_parallel,
             device="meta",
             dtype=w.dtype,
         )
@@ -316,6 +386,8 @@ class VocabParallelEmbedding(nn.Module):
         local = (ids - self.vocab_start).masked_fill(foreign, 0)  # (B, T) in [0, V_pad/p)
         y = F.embedding(local, self.weight)  # (B, T, C) right rows for our ids, row 0 for the others
         y = y.masked_fill(foreign.unsqueeze(-1), 0.0)  # (B, T, C) zeros where another rank owns the id
+        if self.sequence_parallel:  # (B, T/p, C) this rank's tokens: one reduce-scatter along T
+            return reduce_scatter_to_sequence_parallel_region(y, self.group)
         return reduce_from_parallel_region(y, self.group)  # (B, T, C) replicated; g: one all-reduce
 
     def extra_repr(self):

@@ -17,6 +17,14 @@ c_proj and the MLP's c_proj), each of B*T*C numbers, and nothing else; in backwa
 B*T*C (the embedding) and, with targets, three of B*T (the loss); backward one of B*T*C (the
 head's f).
 
+Sequence parallelism (chapter 11, `TPGPT(..., sequence_parallel=True)`; Korthikanti et al. 2022):
+outside the blocks' tensor-parallel regions (norms, residual adds) the activations are split along
+T, (B, T/p, C); each all-reduce becomes a reduce-scatter (row-parallel output) and an all-gather
+(column-parallel input). T is padded at the end to a multiple of p (causal attention keeps the
+padding out of every real token; its logits are dropped). The gradients of the parameters used on
+own tokens only (norms, row-parallel biases, and wpe with the vocabulary-parallel head) are partial
+sums: `all_reduce_sequence_parallel_grads()` after backward sums them.
+
 Dropout must stay off in training mode: replicated dropout needs the same random mask on every
 rank, which needs per-rank random-number state (not implemented yet).
 """
@@ -24,7 +32,11 @@ rank, which needs per-rank random-number state (not implemented yet).
 import torch
 import torch.nn as nn
 
-from .comm import gather_from_parallel_region
+from .comm import (
+    gather_from_parallel_region,
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, materialize
 from .loss import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from .model import LayerNorm, causal_attention, check_token_ids, cross_entropy, generate
@@ -86,8 +98,9 @@ class TPCausalSelfAttention(nn.Module):
         return _from_dense(cls, dense, group)
 
     def forward(self, x):
-        B, T, C = x.size()  # (B, T, C) replicated
-        q, k, v = self.c_attn(x).split(self.n_head * self.head_size, dim=2)  # each (B, T, C/p): this rank's heads
+        qkv = self.c_attn(x)  # (B, T, 3C/p); a sequence-parallel x (B, T/p, C) is all-gathered along T inside
+        B, T, _ = qkv.size()
+        q, k, v = qkv.split(self.n_head * self.head_size, dim=2)  # each (B, T, C/p): this rank's heads
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh/p, T, hs)
         k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh/p, T, hs)
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh/p, T, hs)
@@ -158,6 +171,11 @@ class TPGPT(nn.Module):
     vocab-parallel, lm_head; see `layers.ColumnParallelLinear`): their backward overlaps the
     all-reduce of dL/dX with the weight gradients. The same results and collectives, as calls.
 
+    sequence_parallel=True (chapter 11): the activations between the tensor-parallel regions split
+    along T (see the module docstring); every column- and row-parallel layer and the
+    vocabulary-parallel embedding get sequence_parallel=True. Training must call
+    `all_reduce_sequence_parallel_grads()` after backward. Not with async_grad_all_reduce.
+
     Build it with `from_dense` or `from_shard_state_dict`; the constructor draws random weights
     that mean nothing. `plan`: how the dense state dict maps onto this model (see shard.py).
     """
@@ -165,11 +183,24 @@ class TPGPT(nn.Module):
     plan = GPT_TP_PLAN  # for the replicated head; an instance with vocab_parallel=True has its own
 
     def __init__(
-        self, config, *, group, vocab_parallel: bool = False, multiple: int = 1, async_grad_all_reduce: bool = False
+        self,
+        config,
+        *,
+        group,
+        vocab_parallel: bool = False,
+        multiple: int = 1,
+        async_grad_all_reduce: bool = False,
+        sequence_parallel: bool = False,
+        rng_seed: int = 0,
     ):
         super().__init__()
         p, V, C = group.world_size, config.vocab_size, config.n_embd
         divide(config.n_head, p, "n_head")
+        if sequence_parallel and async_grad_all_reduce:
+            raise ValueError(
+                "sequence_parallel replaces the all-reduce of dL/dX that async_grad_all_reduce overlaps "
+                "by a reduce-scatter: pass only one of them"
+            )
         if multiple != 1 and not vocab_parallel:
             raise ValueError(
                 f"multiple={multiple} pads the vocabulary of the vocabulary-parallel head: "
@@ -201,16 +232,19 @@ class TPGPT(nn.Module):
             self.lm_head = nn.Linear(C, V, bias=False)  # (C) -> (V) replicated
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor, two names
         self.async_grad_all_reduce = async_grad_all_reduce
+        self.sequence_parallel = sequence_parallel
         for module in self.modules():
             if isinstance(module, ColumnParallelLinear):
                 module.async_grad_all_reduce = async_grad_all_reduce
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+                module.sequence_parallel = sequence_parallel
 
     @classmethod
     def from_shard_state_dict(cls, state_dict, config, *, group, device=None, dtype=None, **options):
         """This rank's model from its shard; shapes are checked first, with errors naming the parameter.
 
-        options: the constructor's (vocab_parallel, multiple, async_grad_all_reduce). device and dtype
-        default to the shard's.
+        options: the constructor's (vocab_parallel, multiple, async_grad_all_reduce, sequence_parallel).
+        device and dtype default to the shard's.
         """
         with torch.device("meta"):
             model = cls(config, group=group, **options)  # shapes only: nothing drawn, nothing allocated
@@ -260,14 +294,68 @@ class TPGPT(nn.Module):
             )
         if not isinstance(self.transformer.wte, VocabParallelEmbedding):  # that one checks the ids itself
             check_token_ids(idx, self.config.vocab_size)
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C) replicated
-        for block in self.transformer.h:
-            x = block(x)  # (B, T, C) replicated; two all-reduces inside
-        x = self.transformer.ln_f(x)  # (B, T, C) replicated
-        logits = self.lm_head(x)  # (B, T, V) replicated, or (B, T, V_pad/p) sharded
+        if self.sequence_parallel:
+            logits = self._sequence_parallel_logits(idx)  # chapter 11: the same logits, other collectives
+        else:
+            pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+            x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C) replicated
+            for block in self.transformer.h:
+                x = block(x)  # (B, T, C) replicated; two all-reduces inside
+            x = self.transformer.ln_f(x)  # (B, T, C) replicated
+            logits = self.lm_head(x)  # (B, T, V) replicated, or (B, T, V_pad/p) sharded
         loss = None if targets is None else self.loss(logits, targets)
         return logits, loss
+
+    def _sequence_parallel_logits(self, idx):
+        """forward's body under sequence parallelism (chapter 11): idx (B, T) -> the same logits as forward's.
+
+        T is padded at the end to T' = p * ceil(T/p) (token 0 at position 0: causal attention keeps
+        a pad after the last real token out of every real one, and its logits are dropped).
+        """
+        p, r, T = self.group.world_size, self.group.rank, idx.size(1)
+        pad = -T % p
+        idx = nn.functional.pad(idx, (0, pad))  # (B, T')
+        pos = nn.functional.pad(torch.arange(0, T, dtype=torch.long, device=idx.device), (0, pad))  # (T',)
+        if self.vocab_parallel:  # partial rows reduce-scattered along T; wpe on own positions
+            x = self.transformer.wte(idx) + self.transformer.wpe(pos.chunk(p)[r])  # (B, T'/p, C)
+        else:  # computed whole, each rank keeps its T'/p tokens
+            x = scatter_to_sequence_parallel_region(self.transformer.wte(idx) + self.transformer.wpe(pos), self.group)
+        x = self.transformer.drop(x)  # (B, T'/p, C) split along T
+        for block in self.transformer.h:
+            x = block(x)  # (B, T'/p, C); in each: all-gather -> TP region -> reduce-scatter, twice
+        x = self.transformer.ln_f(x)  # (B, T'/p, C) own tokens
+        if not self.vocab_parallel:  # the replicated head reads every token; backward: keep own chunk
+            x = gather_from_sequence_parallel_region(x, self.group, tensor_parallel_output_grad=False)  # (B, T', C)
+        logits = self.lm_head(x)  # (B, T', V) or (B, T', V_pad/p); column-parallel all-gathers along T
+        return logits[:, :T]  # the pads' logits dropped
+
+    def sequence_parallel_parameters(self) -> dict:
+        """{name: parameter} whose gradient is a partial sum under sequence parallelism ({} without it).
+
+        The parameters used on this rank's tokens only: ln_1, ln_2, ln_f, the row-parallel biases
+        (c_proj), and wpe with the vocabulary-parallel head (added on own positions). Replicated,
+        so each rank's gradient is its tokens' share: the exception to chapter 9's rule.
+        """
+        if not self.sequence_parallel or self.group.world_size == 1:
+            return {}
+        own_tokens = (".ln_1.", ".ln_2.", "transformer.ln_f.", ".c_proj.bias") + (
+            ("transformer.wpe.",) if self.vocab_parallel else ()
+        )
+        return {n: w for n, w in self.named_parameters() if any(k in "." + n for k in own_tokens)}
+
+    def all_reduce_sequence_parallel_grads(self):
+        """Sum the partial gradients of `sequence_parallel_parameters()` over ranks: one all-reduce, flattened.
+
+        Call it after backward, before the optimizer step, on every rank (train.train does). Without
+        sequence parallelism (or at p = 1) nothing to sum: no call. Returns the names summed.
+        """
+        params = {n: w for n, w in self.sequence_parallel_parameters().items() if w.grad is not None}
+        if params:
+            grads = [w.grad for w in params.values()]
+            flat = self.group.all_reduce(torch.cat([g.reshape(-1) for g in grads]), tag="sequence_parallel_grads")
+            for g, total in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(total.view_as(g))
+        return list(params)
 
     def loss(self, logits, targets):
         """Mean cross-entropy of the logits against targets (B, T); targets of -1 are ignored.
@@ -330,9 +418,22 @@ class VocabParallelTPGPT(TPGPT):
 
     plan = GPT_VOCAB_TP_PLAN  # the plan for the default multiple=1; instances use their own multiple's
 
-    def __init__(self, config, *, group, multiple: int = 1, async_grad_all_reduce: bool = False):
+    def __init__(
+        self,
+        config,
+        *,
+        group,
+        multiple: int = 1,
+        async_grad_all_reduce: bool = False,
+        sequence_parallel: bool = False,
+    ):
         super().__init__(
-            config, group=group, vocab_parallel=True, multiple=multiple, async_grad_all_reduce=async_grad_all_reduce
+            config,
+            group=group,
+            vocab_parallel=True,
+            multiple=multiple,
+            async_grad_all_reduce=async_grad_all_reduce,
+            sequence_parallel=sequence_parallel,
         )
 
 

@@ -151,6 +151,8 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 _, loss = model(x, y)  # forward: 2 all-reduces per layer under TP
                 loss.backward()  # backward: 2 more per layer
+                if getattr(model, "sequence_parallel", False):  # chapter 11: sum the own-token partial gradients
+                    model.all_reduce_sequence_parallel_grads()  # one all-reduce
                 optimizer.step()  # elementwise: no communication
             losses.append(loss.item())
             if on_step is not None:

@@ -26,8 +26,11 @@ from .group import KINDS, REDUCE_OPS, CallRecord, CommStats, Group, Handle, Sing
 from .mappings import (
     copy_to_parallel_region,
     gather_from_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
     scatter_to_parallel_region,
+    scatter_to_sequence_parallel_region,
 )
 from .shm import ShmGroup
 from .threads import CollectiveAborted, CollectiveError, RankError, ThreadGroup, run_threads
@@ -52,4 +55,7 @@ __all__ = [
     "reduce_from_parallel_region",
     "gather_from_parallel_region",
     "scatter_to_parallel_region",
+    "scatter_to_sequence_parallel_region",
+    "gather_from_sequence_parallel_region",
+    "reduce_scatter_to_sequence_parallel_region",
 ]
