@@ -1,6 +1,6 @@
 """The package's layers hold: the core imports nothing outside the core, running it imports no support.
 
-Core: `comm/`, `model`, `shard`, `layers`, `tp_model`, `loss`. Running it: `launch`, `train`, `cli`
+Core: `comm/`, `model`, `shard`, `layers`, `tp_model`, `loss`, `rng`. Running it: `launch`, `train`, `cli`
 (and `__main__`), which may import the core. Support: `course/`, `bench/`, `viz/`, which may import
 anything. The command line imports `bench/` (and with it PyTorch's DTensor) only inside the
 `bench` command. Imports are read from the source (module level and inside functions alike), so
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tputil"
-CORE = {"comm", "model", "shard", "layers", "tp_model", "loss"}
+CORE = {"comm", "model", "shard", "layers", "tp_model", "loss", "rng"}
 RUNNING = {"launch", "train", "cli", "__main__"}
 SUPPORT = {"course", "bench", "viz"}
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from .rng import Dropout
+
 
 class LayerNorm(nn.Module):
     """LayerNorm over the last dim (C), with an optional bias (GPT-2 has one)."""
@@ -32,7 +34,7 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
-def causal_attention(q, k, v, *, dropout_p: float = 0.0):
+def causal_attention(q, k, v, *, dropout_p: float = 0.0, dropout=None):
     """softmax(q k^T / sqrt(hs), each position masked to itself and the past) v, per head.
 
     q, k, v: (B, nh, T, hs) -> (B, nh, T, hs); nh may be a rank's share of the heads (the
@@ -44,7 +46,9 @@ def causal_attention(q, k, v, *, dropout_p: float = 0.0):
     mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T) True on and below the diagonal
     att = att.masked_fill(~mask, float("-inf"))
     att = F.softmax(att, dim=-1)
-    if dropout_p > 0.0:
+    if dropout is not None:  # a module such as `Dropout` (the attention modules pass theirs, chapter 12)
+        att = dropout(att)  # (B, nh, Tq, Tk)
+    elif dropout_p > 0.0:
         att = F.dropout(att, p=dropout_p)
     return att @ v  # (B, nh, T, hs)
 
@@ -58,7 +62,8 @@ class CausalSelfAttention(nn.Module):
         # q, k and v of all heads in one matmul, stacked in that order along the output features
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = Dropout(config.dropout, region="tensor")  # on the attention weights, per head
+        self.resid_dropout = Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
@@ -70,7 +75,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, dropout=self.attn_dropout)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C) the heads side by side again
         return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 
@@ -84,7 +89,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
         x = self.c_fc(x)  # (B, T, 4C)
@@ -175,7 +180,7 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
+                drop=Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=LayerNorm(config.n_embd, bias=config.bias),
             )

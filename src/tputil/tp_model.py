@@ -25,8 +25,11 @@ padding out of every real token; its logits are dropped). The gradients of the p
 own tokens only (norms, row-parallel biases, and wpe with the vocabulary-parallel head) are partial
 sums: `all_reduce_sequence_parallel_grads()` after backward sums them.
 
-Dropout must stay off in training mode: replicated dropout needs the same random mask on every
-rank, which needs per-rank random-number state (not implemented yet).
+Dropout (chapter 12): every site is an `rng.Dropout` drawing from the model's `rng.RNGTracker`
+(`TPGPT(..., rng_seed=s)`): the embedding and residual dropouts (replicated) the same mask on every
+rank, the attention weights of a rank's own heads (and, with sequence parallelism, its own tokens)
+masks independent across ranks. `rng.recording` / `rng.assemble_masks` give the dense model the
+masks the ranks drew, and it then computes what they computed.
 """
 
 import torch
@@ -40,6 +43,7 @@ from .comm import (
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, materialize
 from .loss import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from .model import LayerNorm, causal_attention, check_token_ids, cross_entropy, generate
+from .rng import Dropout, RNGTracker, dropout_sites, use_rng
 from .shard import (
     GPT_TP_PLAN,
     GPT_VOCAB_TP_PLAN,
@@ -85,7 +89,8 @@ class TPCausalSelfAttention(nn.Module):
         qkv = placement(self.path + "c_attn.weight")  # the plan's split of the stacked q, k and v
         self.c_attn = ColumnParallelLinear(C, 3 * C, group=group, bias=config.bias, stride=qkv.stride)  # (C) -> (3C/p)
         self.c_proj = RowParallelLinear(C, C, group=group, bias=config.bias)  # (C/p) -> (C), all-reduce
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = Dropout(config.dropout, region="tensor")  # this rank's heads: its own masks
+        self.resid_dropout = Dropout(config.dropout)  # replicated: the same mask on every rank
         self.dropout = config.dropout
 
     @classmethod
@@ -104,7 +109,7 @@ class TPCausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh/p, T, hs)
         k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh/p, T, hs)
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh/p, T, hs)
-        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, nh/p, T, hs)
+        y = causal_attention(q, k, v, dropout=self.attn_dropout)  # (B, nh/p, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)  # (B, T, C/p) sharded
         return self.resid_dropout(self.c_proj(y))  # (B, T, C) replicated, after one all-reduce
 
@@ -123,7 +128,7 @@ class TPMLP(nn.Module):
         self.c_fc = ColumnParallelLinear(C, 4 * C, group=group, bias=config.bias)  # (C) -> (4C/p)
         self.gelu = nn.GELU()
         self.c_proj = RowParallelLinear(4 * C, C, group=group, bias=config.bias)  # (4C/p) -> (C), all-reduce
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)  # replicated: the same mask on every rank
 
     @classmethod
     def from_dense(cls, dense, *, group):
@@ -176,6 +181,11 @@ class TPGPT(nn.Module):
     vocabulary-parallel embedding get sequence_parallel=True. Training must call
     `all_reduce_sequence_parallel_grads()` after backward. Not with async_grad_all_reduce.
 
+    rng_seed (chapter 12): seeds `self.rng`, an `rng.RNGTracker` for this rank that every dropout
+    site draws from: the replicated sites with rng_seed on every rank, the attention weights (and
+    with sequence_parallel the sites on own tokens) with rng_seed + 2718 + rank.
+    `rng.use_rng(model, tracker)` swaps it.
+
     Build it with `from_dense` or `from_shard_state_dict`; the constructor draws random weights
     that mean nothing. `plan`: how the dense state dict maps onto this model (see shard.py).
     """
@@ -221,7 +231,7 @@ class TPGPT(nn.Module):
             dict(
                 wte=wte,
                 wpe=nn.Embedding(config.block_size, C),  # replicated
-                drop=nn.Dropout(config.dropout),
+                drop=Dropout(config.dropout),  # replicated: the same mask on every rank
                 h=nn.ModuleList([TPBlock(config, group=group) for _ in range(config.n_layer)]),
                 ln_f=LayerNorm(C, bias=config.bias),  # replicated
             )
@@ -238,6 +248,10 @@ class TPGPT(nn.Module):
                 module.async_grad_all_reduce = async_grad_all_reduce
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
                 module.sequence_parallel = sequence_parallel
+        for site in dropout_sites(self).values():  # chapter 12: which random state each dropout draws from
+            if sequence_parallel and site.region == "replicated":
+                site.region = "sequence"  # it acts on this rank's own tokens (B, T/p, C)
+        use_rng(self, RNGTracker(rng_seed, rank=group.rank))  # self.rng
 
     @classmethod
     def from_shard_state_dict(cls, state_dict, config, *, group, device=None, dtype=None, **options):
@@ -281,11 +295,6 @@ class TPGPT(nn.Module):
         logits: (B, T, V) replicated, or with vocab_parallel this rank's shard (B, T, V_pad/p),
         the logits of ids [vocab_start, vocab_end), never gathered (see `gather_logits`).
         """
-        if self.training and self.config.dropout > 0:
-            raise ValueError(
-                f"dropout={self.config.dropout} in training mode is not supported under tensor "
-                f"parallelism yet (ranks would draw different masks): use model.eval() or dropout=0.0"
-            )
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(
