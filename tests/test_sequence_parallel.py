@@ -16,6 +16,7 @@ from tputil.comm import (
     run_threads,
     scatter_to_sequence_parallel_region,
 )
+from tputil.course import activations
 from tputil.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from tputil.shard import shard_state_dict
 from tputil.tp_model import TPGPT
@@ -286,10 +287,7 @@ def test_greedy_generation_is_the_dense_models(p):
     for vocab_parallel in (False, True):
         fn = lambda g: TPGPT.from_dense(  # noqa: E731
             dense, group=g, vocab_parallel=vocab_parallel, sequence_parallel=True
-        ).generate(
-            idx,
-            12,
-        )
+        ).generate(idx, 12)
         for out in run_threads(fn, p):
             assert torch.equal(out, expected)
 
@@ -320,3 +318,51 @@ def test_bad_combinations_are_refused_with_what_to_change():
     layer.async_grad_all_reduce = True
     with pytest.raises(ValueError, match="set one of them to False"):
         layer(torch.randn(1, 2, C))
+
+
+# ---------------------------------------------------------------------------- activation memory
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [8, 5])
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_measured_activation_bytes_equal_the_formula(dtype, T, sequence_parallel):
+    dense = make_gpt(vocab_size=V, n_layer=2, dtype=dtype)
+    idx, targets = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+    for p in (1, 2, 4):
+
+        def fn(group):
+            model = TPGPT.from_dense(dense, group=group, sequence_parallel=sequence_parallel).train()
+            return activations.saved_bytes(model, lambda: model(idx, targets))
+
+        per_layer = activations.layer_bytes(
+            dense.config, B, T, p, sequence_parallel=sequence_parallel, element_size=dtype.itemsize
+        )
+        for measured in run_threads(fn, p):
+            assert {r: measured[r] for r in activations.BLOCK_REGIONS} == {r: 2 * b for r, b in per_layer.items()}
+
+
+def test_sequence_parallelism_divides_every_layer_term_by_p_but_the_mask():
+    config, T = make_gpt(n_layer=1).config, 8
+    dense = sum(activations.layer_bytes(config, B, T, 1, sequence_parallel=False, element_size=4).values())
+    for p in (2, 4):
+        sp = sum(activations.layer_bytes(config, B, T, p, sequence_parallel=True, element_size=4).values())
+        tp = sum(activations.layer_bytes(config, B, T, p, sequence_parallel=False, element_size=4).values())
+        assert p * sp == dense + (p - 1) * T * T  # the causal mask (T^2 bool) is on every rank whole
+        assert tp - sp == 4 * (B * T * config.n_embd + B * T) * 4 * (p - 1) // p  # the norms' and two inputs'
+
+
+def test_saved_bytes_counts_each_storage_once_and_no_parameter():
+    linear = nn.Linear(4, 3)
+    x = torch.randn(5, 4, requires_grad=True)
+
+    def run():
+        y = linear(x)  # saves x and the weight: only x counts
+        return y * y + y.exp()  # y saved by mul (twice: one storage) and exp's output: another storage
+
+    measured = activations.saved_bytes(linear, run)
+    assert measured == {"loss": 5 * 4 * 4 + 5 * 3 * 4 + 5 * 3 * 4}  # x, y, exp(y); outside any submodule
+    assert activations.korthikanti_bytes(1, 1, 1, 1) == 34 + 5
+    assert activations.korthikanti_bytes(2048, 1, 12288, 96, 8, sequence_parallel=True) == pytest.approx(
+        2048 * 12288 * (34 + 5 * 96 * 2048 / 12288) / 8
+    )
