@@ -40,10 +40,12 @@ def causal_attention(q, k, v, *, dropout_p: float = 0.0, dropout=None):
     q, k, v: (B, nh, T, hs) -> (B, nh, T, hs); nh may be a rank's share of the heads (the
     tensor-parallel attention calls it too): heads never mix. Written out, with no fused kernel,
     so it runs in any dtype, float64 included. dropout_p: dropout on the attention weights.
+    With a KV cache (chapter 13) k and v hold Tk >= Tq positions and the Tq queries are the last
+    Tq of them: query i sits at position Tk - Tq + i, and sees keys 0 to Tk - Tq + i.
     """
-    T = q.size(-2)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T) True on and below the diagonal
+    Tq, Tk = q.size(-2), k.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, Tq, Tk)
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)  # (Tq, Tk) True up to the query
     att = att.masked_fill(~mask, float("-inf"))
     att = F.softmax(att, dim=-1)
     if dropout is not None:  # a module such as `Dropout` (the attention modules pass theirs, chapter 12)
@@ -51,6 +53,73 @@ def causal_attention(q, k, v, *, dropout_p: float = 0.0, dropout=None):
     elif dropout_p > 0.0:
         att = F.dropout(att, p=dropout_p)
     return att @ v  # (B, nh, T, hs)
+
+
+class LayerKV:
+    """One layer's cached keys and values, k and v (B, nh, T, hs), or None while empty (chapter 13)."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def append(self, k, v):
+        """Append the new positions' k and v (B, nh, T_new, hs); return all of them, (B, nh, T + T_new, hs)."""
+        if self.k is not None:
+            k, v = torch.cat((self.k, k), dim=-2), torch.cat((self.v, v), dim=-2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """The keys and values of every position fed so far, per layer: what a new token attends to.
+
+    Derived in chapter 13. `layers[i]` is layer i's `LayerKV`; a model given the cache
+    (`GPT.forward(idx, kv_cache=cache)`) appends the new positions' k and v and attends to all
+    of them, so the next call feeds only the new token. A tensor-parallel rank caches its own
+    heads only: nh/p of them, 1/p of the dense cache. For inference: tensors are kept as given
+    (generate runs under no_grad). One cache per batch; `clear()` empties it.
+    """
+
+    def __init__(self, n_layer: int):
+        self.layers = [LayerKV() for _ in range(n_layer)]
+
+    @property
+    def length(self) -> int:
+        """Positions cached: the position of the next token fed."""
+        k = self.layers[0].k
+        return 0 if k is None else k.size(-2)
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached tensors, summed over layers, k and v."""
+        return sum(t.numel() * t.element_size() for kv in self.layers for t in (kv.k, kv.v) if t is not None)
+
+    def clear(self):
+        for kv in self.layers:
+            kv.k = kv.v = None
+
+    def check(self, B: int, T: int, config, n_head: int) -> int:
+        """Raise a ValueError unless a batch (B, T) fits this cache of a model with n_head heads (on
+        this rank) and `config`'s layers and block_size; return the position of its first token.
+
+        Models call it before any communication, so every rank raises the same error.
+        """
+        if len(self.layers) != config.n_layer:
+            raise ValueError(f"a KVCache of {len(self.layers)} layers for a model of {config.n_layer}")
+        k = self.layers[0].k
+        if k is not None and k.size(0) != B:
+            raise ValueError(
+                f"the KV cache holds a batch of {k.size(0)} sequences, not {B}: use one cache per batch (or clear() it)"
+            )
+        if k is not None and k.size(1) != n_head:
+            raise ValueError(
+                f"the KV cache holds {k.size(1)} heads per layer, this model {n_head} (on this rank): "
+                f"a cache filled by a model split over another number of ranks"
+            )
+        if self.length + T > config.block_size:
+            raise ValueError(
+                f"the KV cache holds {self.length} positions, and {T} more exceed block_size "
+                f"{config.block_size}: clear() it and feed the last block_size tokens (what generate does)"
+            )
+        return self.length
 
 
 class CausalSelfAttention(nn.Module):
@@ -68,13 +137,16 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, kv=None):
+        """kv: this layer's `LayerKV` of a KV cache, or None; with it, x holds the new positions only."""
         B, T, C = x.size()  # (B, T, C)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if kv is not None:
+            k, v = kv.append(k, v)  # (B, nh, T_cached + T, hs)
         y = causal_attention(q, k, v, dropout=self.attn_dropout)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C) the heads side by side again
         return self.resid_dropout(self.c_proj(y))  # (B, T, C)
@@ -108,8 +180,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))  # (B, T, C)
+    def forward(self, x, kv=None):
+        x = x + self.attn(self.ln_1(x), kv)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
@@ -207,30 +279,43 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None):
-        """idx, targets: (B, T) token ids -> (logits (B, T, V), mean cross-entropy or None)."""
+    def forward(self, idx, targets=None, *, kv_cache=None):
+        """idx, targets: (B, T) token ids -> (logits (B, T, V), mean cross-entropy or None).
+
+        kv_cache: a `KVCache`, or None. With it idx holds the positions after the cached ones,
+        whose keys and values are appended to the cache (chapter 13).
+        """
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(
                 f"cannot forward a sequence of length {T}: block_size is only "
                 f"{self.config.block_size}; crop the input or raise block_size"
             )
+        start = 0 if kv_cache is None else kv_cache.check(B, T, self.config, self.config.n_head)
         check_token_ids(idx, self.config.vocab_size)
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C)
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)  # (B, T, C)
+        kvs = [None] * self.config.n_layer if kv_cache is None else kv_cache.layers
+        for block, kv in zip(self.transformer.h, kvs):
+            x = block(x, kv)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None if targets is None else cross_entropy(logits, targets)
         return logits, loss
 
-    def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None):
+    def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None, kv_cache=True):
         """Extend idx (B, T) by max_new_tokens tokens; see `generate` below."""
         return generate(
-            self, idx, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy, generator=generator
+            self,
+            idx,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            greedy=greedy,
+            generator=generator,
+            kv_cache=kv_cache,
         )
 
 
@@ -273,6 +358,7 @@ def generate(
     generator=None,
     argmax=None,
     gather_logits=None,
+    kv_cache=True,
 ):
     """Append max_new_tokens tokens to idx (B, T), feeding each prediction back in; return (B, T + new).
 
@@ -280,8 +366,15 @@ def generate(
     dense GPT and the tensor-parallel one both do). greedy=True takes the argmax: deterministic,
     so two models that agree on the logits generate identical tokens. greedy=False samples from
     softmax(logits / temperature), optionally restricted to the top_k tokens, with `generator`.
-    No KV cache: the whole (cropped) context is recomputed for every token. Call model.eval()
-    first if the model has dropout.
+    Call model.eval() first if the model has dropout.
+
+    kv_cache=True (chapter 13): `model(idx, kv_cache=cache)` must accept a `KVCache`; the prompt
+    fills it, then each step feeds only the newest token. kv_cache=False recomputes the whole
+    context for every token, as nanoGPT does. Both see the same context: the last block_size
+    tokens at positions 0 to block_size - 1. Past block_size that window slides, every token's
+    position changes, and the cached keys (computed at the old positions) are stale, so the cache
+    is cleared and refilled from the window: the same tokens as without it, at no-cache cost per
+    token from then on. (A rolling cache that keeps the old keys would be cheaper, and different.)
 
     argmax, gather_logits: for a model whose logits are split over ranks (`tp_model.TPGPT` with
     vocab_parallel=True), functions of the last position's logits (B, V'): the id of the largest
@@ -292,9 +385,14 @@ def generate(
         raise ValueError(f"temperature={temperature}: it must be > 0 (use greedy=True for argmax)")
     check_prompt(idx)
     block_size = model.config.block_size
+    cache = KVCache(model.config.n_layer) if kv_cache else None
     for _ in range(max_new_tokens):
-        idx_cond = idx if idx.size(1) <= block_size else idx[:, -block_size:]  # (B, <= block_size)
-        logits, _ = model(idx_cond)
+        if cache is None:
+            logits, _ = model(idx[:, -block_size:])  # (B, <= block_size) the whole context
+        else:
+            if idx.size(1) > block_size:  # the window slid: every cached position is stale
+                cache.clear()
+            logits, _ = model(idx[:, cache.length :][:, -block_size:], kv_cache=cache)  # the tokens not cached
         logits = logits[:, -1, :]  # (B, V) the prediction for the next position (split: (B, V_pad/p))
         if greedy:
             idx_next = (logits.argmax(dim=-1) if argmax is None else argmax(logits)).unsqueeze(1)  # (B, 1)

@@ -102,13 +102,16 @@ class TPCausalSelfAttention(nn.Module):
         """
         return _from_dense(cls, dense, group)
 
-    def forward(self, x):
+    def forward(self, x, kv=None):
+        """kv: this layer's `model.LayerKV` (chapter 13): this rank caches its own heads, (B, nh/p, T, hs)."""
         qkv = self.c_attn(x)  # (B, T, 3C/p); a sequence-parallel x (B, T/p, C) is all-gathered along T inside
         B, T, _ = qkv.size()
         q, k, v = qkv.split(self.n_head * self.head_size, dim=2)  # each (B, T, C/p): this rank's heads
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh/p, T, hs)
         k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh/p, T, hs)
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh/p, T, hs)
+        if kv is not None:
+            k, v = kv.append(k, v)  # (B, nh/p, T_cached + T, hs): this rank's heads only
         y = causal_attention(q, k, v, dropout=self.attn_dropout)  # (B, nh/p, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)  # (B, T, C/p) sharded
         return self.resid_dropout(self.c_proj(y))  # (B, T, C) replicated, after one all-reduce
@@ -156,8 +159,8 @@ class TPBlock(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)  # replicated
         self.mlp = TPMLP(config, group=group)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))  # (B, T, C) replicated
+    def forward(self, x, kv=None):
+        x = x + self.attn(self.ln_1(x), kv)  # (B, T, C) replicated
         x = x + self.mlp(self.ln_2(x))  # (B, T, C) replicated
         return x
 
@@ -289,11 +292,12 @@ class TPGPT(nn.Module):
         """One past the last token id whose logit this rank computes (V_pad/p ids; V for the replicated head)."""
         return self.transformer.wte.vocab_end if self.vocab_parallel else self.config.vocab_size
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, *, kv_cache=None):
         """idx, targets: (B, T) -> (logits, loss or None); the loss is the dense model's, on every rank.
 
         logits: (B, T, V) replicated, or with vocab_parallel this rank's shard (B, T, V_pad/p),
         the logits of ids [vocab_start, vocab_end), never gathered (see `gather_logits`).
+        kv_cache: a `model.KVCache` of this rank's heads, or None, as in `model.GPT.forward` (chapter 13).
         """
         B, T = idx.size()
         if T > self.config.block_size:
@@ -301,15 +305,23 @@ class TPGPT(nn.Module):
                 f"cannot forward a sequence of length {T}: block_size is only "
                 f"{self.config.block_size}; crop the input or raise block_size"
             )
+        if kv_cache is not None and self.sequence_parallel:
+            raise ValueError(
+                "a KV cache decodes one new position per step, which sequence parallelism cannot split "
+                "along T: generate with a model built without sequence_parallel (the same weights)"
+            )
+        heads = self.config.n_head // self.group.world_size  # nh/p: the heads this rank caches
+        start = 0 if kv_cache is None else kv_cache.check(B, T, self.config, heads)
         if not isinstance(self.transformer.wte, VocabParallelEmbedding):  # that one checks the ids itself
             check_token_ids(idx, self.config.vocab_size)
         if self.sequence_parallel:
             logits = self._sequence_parallel_logits(idx)  # chapter 11: the same logits, other collectives
         else:
-            pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,) after the cached ones
             x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C) replicated
-            for block in self.transformer.h:
-                x = block(x)  # (B, T, C) replicated; two all-reduces inside
+            kvs = [None] * self.config.n_layer if kv_cache is None else kv_cache.layers
+            for block, kv in zip(self.transformer.h, kvs):
+                x = block(x, kv)  # (B, T, C) replicated; two all-reduces inside
             x = self.transformer.ln_f(x)  # (B, T, C) replicated
             logits = self.lm_head(x)  # (B, T, V) replicated, or (B, T, V_pad/p) sharded
         loss = None if targets is None else self.loss(logits, targets)
@@ -397,12 +409,14 @@ class TPGPT(nn.Module):
             return logits
         return gather_from_parallel_region(logits, self.group)[..., : self.config.vocab_size]
 
-    def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None):
+    def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None, kv_cache=True):
         """The dense GPT's generate (`model.generate`); every rank must call it (each step communicates).
 
         With vocab_parallel, greedy takes `argmax` of the last position's shards (two all-reduces
         of B numbers per token on top of the forward); sampling all-gathers them, (B, V_pad/p) per
         rank: give every rank a generator in the same state, or the ranks draw different tokens.
+        kv_cache=True (chapter 13): each rank caches its own heads; a new token then costs two
+        all-reduces of B*1*C per layer (plus the vocabulary-parallel head's). Not with sequence_parallel.
         """
         return generate(
             self,
@@ -414,6 +428,7 @@ class TPGPT(nn.Module):
             generator=generator,
             argmax=self.argmax,
             gather_logits=self.gather_logits,
+            kv_cache=kv_cache,
         )
 
 
@@ -435,6 +450,7 @@ class VocabParallelTPGPT(TPGPT):
         multiple: int = 1,
         async_grad_all_reduce: bool = False,
         sequence_parallel: bool = False,
+        rng_seed: int = 0,
     ):
         super().__init__(
             config,
@@ -443,6 +459,7 @@ class VocabParallelTPGPT(TPGPT):
             multiple=multiple,
             async_grad_all_reduce=async_grad_all_reduce,
             sequence_parallel=sequence_parallel,
+            rng_seed=rng_seed,
         )
 
 
@@ -465,3 +482,13 @@ def param_counts_per_rank(config, p: int, *, multiple: int = 1) -> dict:
         "vocab_parallel": vocab,
         "saved": replicated - vocab,
     }
+
+
+def kv_cache_bytes_per_rank(config, batch_size: int, length: int, p: int = 1, dtype=torch.float32) -> int:
+    """Bytes of one rank's KV cache holding `length` positions of `batch_size` sequences (chapter 13).
+
+    2 (k and v) * n_layer * B * T * (C/p) * bytes per number: each rank caches its nh/p heads of
+    hs numbers, C/p per position. p = 1 is the dense model's cache.
+    """
+    heads = divide(config.n_head, p, "n_head")
+    return 2 * config.n_layer * batch_size * length * heads * config.head_size * torch.finfo(dtype).bits // 8
