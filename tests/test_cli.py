@@ -221,3 +221,29 @@ def test_both_launchers_choose_the_device_with_select_device(monkeypatch):
         cli.setup(parser.parse_args(["train", "--backend", "nccl"]), parser)
     assert exc.value.args == ("nccl", 2)
     assert "select_device(" in inspect.getsource(launch._child_main)
+
+
+@pytest.mark.slow
+def test_train_with_dropout_under_torchrun_matches_the_dense_model_replaying_the_ranks_masks():
+    """Chapter 12: p = 2 real processes, float64; the dense reference replays the masks the ranks drew."""
+    args = ["train", "--steps", "3", "--n-embd", "32", "--block-size", "32", "--batch-size", "4", "--dtype", "float64"]
+    first = {}
+    for dropout in ("0.1", "0"):
+        out = run(TORCHRUN + ["--nproc-per-node", "2", "-m", "tputil", *args, "--dropout", dropout])
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert ("the dense reference then replays the masks the ranks drew" in out.stdout) == (dropout == "0.1")
+        rows = [ROW.match(x) for x in out.stdout.splitlines()]
+        rows = [tuple(float(v) for v in m.groups()) for m in rows if m]
+        assert [int(r[0]) for r in rows] == [1, 2, 3]  # rank 0 only
+        assert all(gap <= 1e-12 for *_, gap in rows)
+        assert out.stdout.count("OK: the TP loss matched the dense loss at every step") == 1
+        first[dropout] = rows[0][1]
+    assert abs(first["0.1"] - first["0"]) > 1e-3  # the masks act: dropout changes the loss
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1"])
+def test_dropout_outside_0_1_exits_with_code_2(value, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--dropout", value])
+    assert info.value.code == 2
+    assert f"argument --dropout: {float(value)} is not in [0, 1)" in capsys.readouterr().err

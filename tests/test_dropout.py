@@ -43,12 +43,13 @@ def batch():
     return torch.randint(0, 64, (B, T), generator=g), torch.randint(0, 64, (B, T), generator=g)
 
 
-def tp_step(dense, p, *, sequence_parallel=False, tracker=None):
+def tp_step(dense, p, *, sequence_parallel=False, tracker=None, vocab_parallel=False):
     """On p thread ranks: one training forward and backward, recording the masks; per rank a dict."""
     idx, targets = batch()
 
     def fn(group):
-        model = TPGPT.from_dense(dense, group=group, sequence_parallel=sequence_parallel, rng_seed=7).train()
+        options = dict(sequence_parallel=sequence_parallel, vocab_parallel=vocab_parallel, rng_seed=7)
+        model = TPGPT.from_dense(dense, group=group, **options).train()
         if tracker is not None:
             use_rng(model, tracker(group.rank))
         streams = []
@@ -59,7 +60,8 @@ def tp_step(dense, p, *, sequence_parallel=False, tracker=None):
         if sequence_parallel:
             model.all_reduce_sequence_parallel_grads()
         return dict(
-            logits=logits.detach(),
+            logits=model.gather_logits(logits).detach(),
+            plan=model.plan,
             loss=loss.detach(),
             grads={n: q.grad for n, q in model.named_parameters()},
             masks=masks,
@@ -81,11 +83,12 @@ def dense_step(dense, masks):
     return logits.detach(), loss.detach(), {n: q.grad for n, q in dense.named_parameters()}
 
 
+@pytest.mark.parametrize("vocab_parallel", [False, True], ids=["replicated-head", "vocab-parallel"])
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
 @pytest.mark.parametrize("p", [1, 2, 4])
-def test_the_dense_model_with_the_ranks_masks_equals_the_tp_model(p, sequence_parallel):
+def test_the_dense_model_with_the_ranks_masks_equals_the_tp_model(p, sequence_parallel, vocab_parallel):
     dense = make_dense()
-    ranks = tp_step(dense, p, sequence_parallel=sequence_parallel)
+    ranks = tp_step(dense, p, sequence_parallel=sequence_parallel, vocab_parallel=vocab_parallel)
     masks = assemble_masks([r["masks"] for r in ranks], ranks[0]["regions"], seq_len=T)
     assert len(masks) == 1 + 3 * CONFIG["n_layer"]  # drop; attn_dropout, resid_dropout, mlp.dropout per layer
     attn = masks["transformer.h.0.attn.attn_dropout"][0]
@@ -96,7 +99,7 @@ def test_the_dense_model_with_the_ranks_masks_equals_the_tp_model(p, sequence_pa
     for rank, r in enumerate(ranks):
         torch.testing.assert_close(r["logits"], logits, **FLOAT64)
         torch.testing.assert_close(r["loss"], loss, **FLOAT64)
-        expected = shard_state_dict(grads, dense.config, rank, p)
+        expected = shard_state_dict(grads, dense.config, rank, p, plan=r["plan"])
         assert set(r["grads"]) == set(expected)
         for n, g in r["grads"].items():
             torch.testing.assert_close(g, expected[n], **FLOAT64, msg=lambda m: f"rank {rank} {n}: {m}")

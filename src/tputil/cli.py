@@ -22,6 +22,7 @@ and a near-tie can then go either way.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -30,7 +31,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from . import train as tr
+from . import rng, train as tr
 from .comm import DistGroup, ShmGroup, SingleGroup
 from .launch import available_cpus, default_backend, environment, select_device
 from .model import GPT, GPTConfig
@@ -51,6 +52,13 @@ def _non_negative_int(text):
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def _probability(text):
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1)")
     return value
 
 
@@ -108,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         "print its loss next to the dense model's at every step.",
     )
     p_train.add_argument("--steps", type=_positive_int, default=50, help="training steps (default 50)")
+    p_train.add_argument(
+        "--dropout",
+        type=_probability,
+        default=0.0,
+        help="dropout probability in [0, 1) (chapter 12): the dense reference is run with the masks the ranks "
+        "drew (default 0)",
+    )
     p_train.set_defaults(func=cmd_train)
 
     p_gen = commands.add_parser(
@@ -166,7 +181,12 @@ def check_arguments(args, world_size) -> GPTConfig:
     """The config for these arguments at degree world_size, or a ValueError saying what to change."""
     try:
         config = GPTConfig(
-            block_size=args.block_size, vocab_size=256, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd
+            block_size=args.block_size,
+            vocab_size=256,
+            n_layer=args.n_layer,
+            n_head=args.n_head,
+            n_embd=args.n_embd,
+            dropout=getattr(args, "dropout", 0.0),  # train's --dropout
         )
     except ValueError as exc:
         raise ValueError(f"{exc} (flags --n-embd and --n-head)") from None
@@ -230,7 +250,7 @@ def build_models(config, args, ctx):
     torch.manual_seed(args.seed)
     dense = GPT(config).to(device=ctx.device, dtype=DTYPES[args.dtype])
     tp = VocabParallelTPGPT if args.vocab_parallel else TPGPT
-    return dense, tp.from_dense(dense, group=ctx.group)
+    return dense, tp.from_dense(dense, group=ctx.group, rng_seed=args.seed)
 
 
 def describe(config, args, ctx, dense):
@@ -258,21 +278,38 @@ def cmd_train(args, config, ctx) -> int:
         f"data: generated corpus ({len(tr.corpus())} bytes), batches of {args.batch_size} x {config.block_size} "
         f"tokens (seed {args.seed}); AdamW lr={args.lr}"
     )
-    dense_losses = tr.train(dense, args.steps, **run) if ctx.rank == 0 else None  # the reference, first
+    dropout = config.dropout > 0  # the reference then needs the ranks' masks: TP first, the dense model after
+    if dropout:
+        ctx.say(
+            f"dropout {config.dropout}: the TP model trains first; the dense reference then replays the masks "
+            f"the ranks drew (chapter 12), gathered to rank 0"
+        )
+    dense_losses = tr.train(dense, args.steps, **run) if ctx.rank == 0 and not dropout else None  # the reference
     dtype, digits = DTYPES[args.dtype], (7 if args.dtype == "float32" else 13)
     width = digits + 4
     ctx.say(f"{'step':>5} {'TP loss':>{width}} {'dense loss':>{width}} {'|TP - dense|':>13}")
     comm, gaps, start = [], [], time.perf_counter()
 
+    def say_row(step, loss):
+        gaps.append(abs(loss - dense_losses[step]))
+        ctx.say(f"{step + 1:>5} {loss:>{width}.{digits}f} {dense_losses[step]:>{width}.{digits}f} {gaps[-1]:>13.1e}")
+
     def on_step(step, loss, stats):
         comm.append(stats)
-        if ctx.rank == 0:
-            gaps.append(abs(loss - dense_losses[step]))
-            dense_loss = dense_losses[step]
-            ctx.say(f"{step + 1:>5} {loss:>{width}.{digits}f} {dense_loss:>{width}.{digits}f} {gaps[-1]:>13.1e}")
+        if ctx.rank == 0 and not dropout:
+            say_row(step, loss)
 
-    losses = tr.train(model, args.steps, **run, on_step=on_step)
+    with rng.recording(model) if dropout else contextlib.nullcontext() as masks:
+        losses = tr.train(model, args.steps, **run, on_step=on_step)
     seconds = (time.perf_counter() - start) / args.steps
+    if dropout:  # chapter 12: the dense model with the masks the ranks drew (one all-gather per site)
+        rank_masks = rng.gather_rank_masks(masks, ctx.group)
+        if ctx.rank == 0:
+            regions = {name: site.region for name, site in rng.dropout_sites(model).items()}
+            with rng.replaying(dense, rng.assemble_masks(rank_masks, regions, seq_len=config.block_size)):
+                dense_losses = tr.train(dense, args.steps, **run)
+            for step, loss in enumerate(losses):
+                say_row(step, loss)
     if ctx.rank != 0:
         return 0
     worst = max(range(args.steps), key=lambda s: gaps[s])
