@@ -116,12 +116,45 @@ def test_a_degree_that_does_not_divide_the_heads_stops_every_rank_under_torchrun
     assert "exitcode  : 2" in out.stderr  # the ranks' own exit code
 
 
-def test_generate_in_one_process_matches_the_dense_model(monkeypatch, capsys):
+@pytest.mark.parametrize("flags, how", [([], "with a KV cache"), (["--no-kv-cache"], "without a KV cache")])
+def test_generate_in_one_process_matches_the_dense_model(monkeypatch, capsys, flags, how):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # keep this test process's thread setting
-    argv = ["generate", "--steps", "0", "--new-tokens", "6", "--n-embd", "32", "--block-size", "16"]
+    # 9 prompt bytes + 12 > block_size 16: the context window slides, and the cache is refilled
+    argv = ["generate", "--steps", "0", "--new-tokens", "12", "--n-embd", "32", "--block-size", "16", *flags]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "prompt: 'The rank '" in printed and "OK: identical to the dense model's continuation" in printed
+    assert f"(12 bytes, greedy, {how}" in printed and "tokens per second" in printed
+
+
+def test_generate_uses_the_cache_unless_told_not_to(monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    seen = []
+    real = TPGPT.generate
+
+    def spy(self, idx, n, **kwargs):
+        seen.append(kwargs["kv_cache"])
+        return real(self, idx, n, **kwargs)
+
+    monkeypatch.setattr(TPGPT, "generate", spy)
+    for flags in ([], ["--no-kv-cache"]):
+        assert cli.main(["generate", "--steps", "0", "--new-tokens", "2", "--n-embd", "32", *flags]) == 0
+    assert seen == [True, False]
+
+
+@pytest.mark.slow
+def test_generate_under_torchrun_with_and_without_the_cache_gives_the_dense_tokens():
+    """p = 2 real processes, float64, past block_size; both ways print the same continuation."""
+    continuations = []
+    for flags in ([], ["--no-kv-cache"], ["--vocab-parallel"]):
+        args = ["generate", "--steps", "0", "--new-tokens", "24", "--n-embd", "32", "--block-size", "16"]
+        out = run(TORCHRUN + ["--nproc-per-node", "2", "-m", "tputil", *args, "--dtype", "float64", *flags])
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.stdout.count("OK: identical to the dense model's continuation") == 1  # rank 0 only
+        line = next(x for x in out.stdout.splitlines() if x.startswith("TP continuation"))
+        assert ("without a KV cache" in line) == ("--no-kv-cache" in flags)
+        continuations.append(line.split("): ", 1)[1])
+    assert len(set(continuations)) == 1
 
 
 def test_generate_reports_a_continuation_that_differs_as_a_bug(monkeypatch, capsys):

@@ -10,7 +10,9 @@ Chapter 8 (real processes) and chapter 9 (training) run it. One process, or p un
 Under torchrun each process reads RANK, WORLD_SIZE and LOCAL_RANK from the environment, joins the
 process group (gloo on CPU, NCCL with one GPU per process) and builds its slice of the same seeded
 dense GPT (`TPGPT.from_dense`); only rank 0 prints, and rank 0 also runs the dense model on the
-same batches, as the reference.
+same batches, as the reference. `generate` caches each rank's keys and values (chapter 13;
+`--no-kv-cache` recomputes the context for every token) and compares its tokens with the dense
+model's, generated without a cache.
 
 Exit codes: 2 for bad input (a degree that does not divide the heads, ...), found by every rank
 before any communication, rank 0 saying what to change (torchrun itself then exits with 1).
@@ -134,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_gen.add_argument("--prompt", default="The rank ", help="text to continue (default 'The rank ')")
     p_gen.add_argument("--new-tokens", type=_positive_int, default=48, help="bytes to generate (default 48)")
+    p_gen.add_argument(
+        "--no-kv-cache",
+        dest="kv_cache",
+        action="store_false",
+        help="recompute the whole context for every token instead of caching each rank's keys and values "
+        "(chapter 13); the tokens are the same",
+    )
     p_gen.add_argument(
         "--steps",
         type=_non_negative_int,
@@ -353,14 +362,18 @@ def cmd_generate(args, config, ctx) -> int:
         ctx.say(f"TP loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     idx = tr.encode(args.prompt)[None, :].to(ctx.device)  # (1, T)
     model.eval()
-    out = model.generate(idx, args.new_tokens)[0, idx.size(1) :]  # every rank: each token communicates
+    start = time.perf_counter()
+    out = model.generate(idx, args.new_tokens, kv_cache=args.kv_cache)[0, idx.size(1) :]  # each token communicates
+    seconds = time.perf_counter() - start
     if ctx.rank != 0:
         return 0
-    reference = dense.eval().generate(idx, args.new_tokens)[0, idx.size(1) :]
+    reference = dense.eval().generate(idx, args.new_tokens, kv_cache=False)[0, idx.size(1) :]  # nanoGPT's way
     ctx.say(f"prompt: {args.prompt!r}")
-    ctx.say(f"TP continuation ({args.new_tokens} bytes, greedy): {tr.decode(out)!r}")
+    how = "with a KV cache of each rank's heads" if args.kv_cache else "without a KV cache"
+    ctx.say(f"TP continuation ({args.new_tokens} bytes, greedy, {how}): {tr.decode(out)!r}")
+    ctx.say(f"{args.new_tokens / seconds:.0f} tokens per second (TP, rank 0's wall clock)")
     if torch.equal(out, reference):
-        ctx.say("OK: identical to the dense model's continuation")
+        ctx.say("OK: identical to the dense model's continuation (dense without a cache)")
         return 0
     first = int((out != reference).nonzero()[0])
     ctx.say(f"DIFFERENT from the dense model's from byte {first + 1} on: {tr.decode(reference)!r}")
