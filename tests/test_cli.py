@@ -57,6 +57,16 @@ def test_train_help_lists_the_flags(capsys):
             "vocabulary parallel: the embedding, the tied head and the loss are sharded",
             "13 all-reduces (4 per layer and 5 for the embedding, head and loss)",
         ),
+        (  # chapter 11: per layer 6 all-gathers and 4 reduce-scatters; + ln_f's gather and its backward
+            ["--sequence-parallel"],
+            "sequence parallel: outside the tensor-parallel regions each rank keeps its own T/p tokens",
+            "14 all-gathers, 8 reduce-scatters and 1 all-reduces",
+        ),
+        (  # + the embedding's reduce-scatter, the head's gathers and reduce-scatter, the loss's 3 all-reduces
+            ["--sequence-parallel", "--vocab-parallel", "--block-size", "31"],  # 31: padded to 32
+            "sequence parallel: outside the tensor-parallel regions each rank keeps its own T/p tokens",
+            "15 all-gathers, 10 reduce-scatters and 4 all-reduces",
+        ),
     ],
 )
 def test_train_under_torchrun_on_two_processes_matches_the_dense_loss(flags, head, comm):

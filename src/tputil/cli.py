@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_train.add_argument("--steps", type=_positive_int, default=50, help="training steps (default 50)")
     p_train.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="split the activations between the tensor-parallel regions along T (chapter 11): "
+        "reduce-scatters and all-gathers instead of all-reduces; combinable with --vocab-parallel",
+    )
+    p_train.add_argument(
         "--dropout",
         type=_probability,
         default=0.0,
@@ -259,7 +265,8 @@ def build_models(config, args, ctx):
     torch.manual_seed(args.seed)
     dense = GPT(config).to(device=ctx.device, dtype=DTYPES[args.dtype])
     tp = VocabParallelTPGPT if args.vocab_parallel else TPGPT
-    return dense, tp.from_dense(dense, group=ctx.group, rng_seed=args.seed)
+    sequence_parallel = getattr(args, "sequence_parallel", False)  # train's --sequence-parallel
+    return dense, tp.from_dense(dense, group=ctx.group, rng_seed=args.seed, sequence_parallel=sequence_parallel)
 
 
 def describe(config, args, ctx, dense):
@@ -274,6 +281,8 @@ def describe(config, args, ctx, dense):
     )
     if args.vocab_parallel:
         ctx.say("vocabulary parallel: the embedding, the tied head and the loss are sharded over the vocabulary")
+    if getattr(args, "sequence_parallel", False):
+        ctx.say("sequence parallel: outside the tensor-parallel regions each rank keeps its own T/p tokens")
 
 
 # ------------------------------------------------------------------------------- commands
@@ -335,6 +344,13 @@ def cmd_train(args, config, ctx) -> int:
         if args.vocab_parallel
         else f"{calls / config.n_layer:g} per layer"
     )
+    if args.sequence_parallel:  # chapter 11: per layer 6 all-gathers and 4 reduce-scatters, no all-reduce
+        gathers, scatters = comm[-1].calls.get("all_gather", 0), comm[-1].calls.get("reduce_scatter", 0)
+        calls = f"{gathers} all-gathers, {scatters} reduce-scatters and {calls}"
+        where = "6 all-gathers and 4 reduce-scatters per layer; all-reduces: the own-token gradients' sum" + (
+            ", the loss's" if args.vocab_parallel else ""
+        )
+        nbytes = comm[-1].total_bytes
     ctx.say(
         f"communication per training step on each rank: {calls} all-reduces ({where}), "
         f"{nbytes / 2**20:.2f} MiB; {1000 * seconds:.1f} ms per TP step"
