@@ -284,6 +284,22 @@ def test_train_with_dropout_under_torchrun_matches_the_dense_model_replaying_the
     assert abs(first["0.1"] - first["0"]) > 1e-3  # the masks act: dropout changes the loss
 
 
+@pytest.mark.slow
+def test_train_with_dropout_and_sequence_parallelism_under_torchrun_matches_the_dense_model():
+    """Own-token masks concatenated along T and cropped (block size 31: padded to 32); the vocabulary-parallel head."""
+    args = ["train", "--steps", "3", "--n-embd", "32", "--block-size", "31", "--batch-size", "4", "--dtype", "float64"]
+    flags = ["--dropout", "0.1", "--sequence-parallel", "--vocab-parallel"]
+    out = run(TORCHRUN + ["--nproc-per-node", "2", "-m", "tputil", *args, *flags])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "the dense reference then replays the masks the ranks drew" in out.stdout
+    assert "sequence parallel: outside the tensor-parallel regions" in out.stdout
+    rows = [ROW.match(x) for x in out.stdout.splitlines()]
+    rows = [tuple(float(v) for v in m.groups()) for m in rows if m]
+    assert [int(r[0]) for r in rows] == [1, 2, 3]
+    assert all(gap <= 1e-12 for *_, gap in rows)
+    assert out.stdout.count("OK: the TP loss matched the dense loss at every step") == 1
+
+
 @pytest.mark.parametrize("value", ["1.0", "-0.1"])
 def test_dropout_outside_0_1_exits_with_code_2(value, capsys):
     with pytest.raises(SystemExit) as info:
