@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 __all__ = ["REGION_COLORS", "draw_activation_memory"]
@@ -53,7 +54,7 @@ def draw_activation_memory(
     handles = [Rectangle((0, 0), 1, 1, facecolor=c) for c in REGION_COLORS.values()]
     names = [REGION_NAMES[r] for r in REGION_COLORS]
     if formula is not None:
-        handles.append(Rectangle((0, 0), 1, 0, edgecolor="black", linewidth=2))
+        handles.append(Line2D([0], [0], color="black", linewidth=2))
         names.append("formula (total)")
     ax.legend(handles, names, fontsize=7, loc="upper right")
     if title:
