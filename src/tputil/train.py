@@ -5,9 +5,11 @@ and the tensor-parallel GPT on every rank of a group: every rank draws the same 
 sampler is seeded, nothing is sent) and AdamW, elementwise, updates each rank's slice as the
 dense AdamW updates that slice, so the TP loss follows the dense loss up to rounding
 (`loss_tolerance`). A `TPGPT` step communicates two all-reduces of B*T*C numbers per layer in
-forward and two in backward, nothing else. With dropout the masks are the model's own (a `TPGPT`
-draws from its `rng.RNGTracker`); to compare with the dense model, record the ranks' masks and
-replay them in the dense run (`rng.recording`, `rng.replaying`; chapter 12, `cli`'s train does).
+forward and two in backward, nothing else (with sequence parallelism, chapter 11: all-gathers and
+reduce-scatters instead, and one all-reduce of the own-token gradients after backward). With
+dropout the masks are the model's own (a `TPGPT` draws from its `rng.RNGTracker`); to compare with
+the dense model, record the ranks' masks and replay them in the dense run (`rng.recording`,
+`rng.replaying`; chapter 12, `cli`'s train does).
 Not done: gradient clipping, a learning-rate schedule.
 
 The corpus is generated, not downloaded: sentences from a small grammar, drawn by a seeded
