@@ -67,15 +67,18 @@ class SplitQKVAttention(nn.Module):
                 if bias:
                     proj.bias.copy_(dense.c_attn.bias[i * C : (i + 1) * C])
         self.c_proj = copy.deepcopy(dense.c_proj)
+        self.attn_dropout = copy.deepcopy(dense.attn_dropout)
         self.resid_dropout = copy.deepcopy(dense.resid_dropout)
-        self.dropout = dense.dropout
 
-    def forward(self, x):
+    def forward(self, x, kv=None):
+        """kv: a layer of a KV cache, as the dense attention takes; a cache is refused here."""
+        if kv is not None:
+            raise ValueError("SplitQKVAttention keeps no KV cache: generate with kv_cache=False")
         B, T, _ = x.size()  # (B, T, C) replicated
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # each (B, T, C/p) sharded: this rank's heads
         nh = q.size(-1) // self.head_size  # heads on this rank
         q, k, v = (t.view(B, T, nh, self.head_size).transpose(1, 2) for t in (q, k, v))  # (B, nh/p, T, hs)
-        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, nh/p, T, hs)
+        y = causal_attention(q, k, v, dropout=self.attn_dropout)  # (B, nh/p, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * self.head_size)  # (B, T, C/p) sharded
         return self.resid_dropout(self.c_proj(y))  # (B, T, C) replicated after RowwiseParallel's all-reduce
 

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..rng import Dropout
+
 __all__ = ["ModuleCall", "CollectiveTrace", "trace_collectives"]
 
 # Modules that return their input unchanged in eval mode: a backward hook on them gains nothing.
-_SKIP = (nn.Dropout, nn.Identity)
+_SKIP = (nn.Dropout, Dropout, nn.Identity)  # Dropout: the models' own (rng.Dropout)
 
 
 @dataclass(frozen=True)
