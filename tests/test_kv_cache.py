@@ -182,13 +182,18 @@ def test_bad_caches_are_refused_before_any_communication():
 
 
 def test_a_sequence_parallel_model_refuses_the_cache():
+    """Asked for a cache, it refuses; by default it generates without one (the same tokens)."""
     dense = make_gpt()
 
     def refused(group):
         model = TPGPT.from_dense(dense, group=group, sequence_parallel=True)
         with pytest.raises(ValueError, match="generate with a model built without sequence_parallel"):
-            model.generate(prompt(), 2)
-        return torch.equal(model.generate(prompt(), 2, kv_cache=False), dense.generate(prompt(), 2))
+            model.generate(prompt(), 2, kv_cache=True)
+        fed = []
+        model.register_forward_pre_hook(lambda m, args, kwargs: fed.append(kwargs.get("kv_cache")), with_kwargs=True)
+        out = model.generate(prompt(), 2)
+        assert fed == [None, None], fed  # the default: the whole window, twice, no cache
+        return torch.equal(out, dense.generate(prompt(), 2))
 
     assert all(run_threads(refused, 2))
 

@@ -287,7 +287,7 @@ def test_greedy_generation_is_the_dense_models(p):
     for vocab_parallel in (False, True):
         fn = lambda g: TPGPT.from_dense(  # noqa: E731
             dense, group=g, vocab_parallel=vocab_parallel, sequence_parallel=True
-        ).generate(idx, 12, kv_cache=False)  # chapter 13's cache feeds one token: not split along T
+        ).generate(idx, 12)  # without chapter 13's cache (one new token cannot be split along T)
         for out in run_threads(fn, p):
             assert torch.equal(out, expected)
 

@@ -193,7 +193,7 @@ class GPTConfig:
     n_layer: int = 4  # enough layers that "2 all-reduces per layer" is a count, not a coincidence
     n_head: int = 4  # the tensor-parallel degree p must divide it (heads are split between ranks)
     n_embd: int = 64  # C; n_head * head size, so 16 channels per head by default
-    dropout: float = 0.0  # off: equality checks need determinism (TP training refuses it; chapter 12, planned)
+    dropout: float = 0.0  # off: equality checks need determinism (TP draws its masks per rank: chapter 12)
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2 (and they test the "add once" rule)
 
     def __post_init__(self):

@@ -409,15 +409,19 @@ class TPGPT(nn.Module):
             return logits
         return gather_from_parallel_region(logits, self.group)[..., : self.config.vocab_size]
 
-    def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None, kv_cache=True):
+    def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None, kv_cache=None):
         """The dense GPT's generate (`model.generate`); every rank must call it (each step communicates).
 
         With vocab_parallel, greedy takes `argmax` of the last position's shards (two all-reduces
         of B numbers per token on top of the forward); sampling all-gathers them, (B, V_pad/p) per
         rank: give every rank a generator in the same state, or the ranks draw different tokens.
         kv_cache=True (chapter 13): each rank caches its own heads; a new token then costs two
-        all-reduces of B*1*C per layer (plus the vocabulary-parallel head's). Not with sequence_parallel.
+        all-reduces of B*1*C per layer (plus the vocabulary-parallel head's). kv_cache=None (the
+        default) means True, except with sequence_parallel, where one new position cannot be split
+        along T and the whole window is recomputed instead (kv_cache=True is then refused).
         """
+        if kv_cache is None:
+            kv_cache = not self.sequence_parallel
         return generate(
             self,
             idx,
