@@ -305,18 +305,10 @@ class GPT(nn.Module):
         loss = None if targets is None else cross_entropy(logits, targets)
         return logits, loss
 
-    def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None, kv_cache=True):
-        """Extend idx (B, T) by max_new_tokens tokens; see `generate` below."""
-        return generate(
-            self,
-            idx,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            greedy=greedy,
-            generator=generator,
-            kv_cache=kv_cache,
-        )
+    def generate(self, idx, max_new_tokens, **options):
+        """Extend idx (B, T) by max_new_tokens tokens; options (temperature, top_k, greedy, generator,
+        kv_cache) as `generate` below takes them."""
+        return generate(self, idx, max_new_tokens, **options)
 
 
 def untrained_gpt(config: GPTConfig, seed: int = 0, block_std: float | None = 0.2) -> GPT:

@@ -409,7 +409,7 @@ class TPGPT(nn.Module):
             return logits
         return gather_from_parallel_region(logits, self.group)[..., : self.config.vocab_size]
 
-    def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, greedy=True, generator=None, kv_cache=None):
+    def generate(self, idx, max_new_tokens, *, kv_cache=None, **options):
         """The dense GPT's generate (`model.generate`); every rank must call it (each step communicates).
 
         With vocab_parallel, greedy takes `argmax` of the last position's shards (two all-reduces
@@ -426,13 +426,10 @@ class TPGPT(nn.Module):
             self,
             idx,
             max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            greedy=greedy,
-            generator=generator,
             argmax=self.argmax,
             gather_logits=self.gather_logits,
             kv_cache=kv_cache,
+            **options,
         )
 
 
