@@ -13,7 +13,7 @@ Shape glossary: B batch, T time (sequence length), C channels (n_embd), nh heads
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -159,7 +159,7 @@ class MLP(nn.Module):
         super().__init__()
         self.config = config  # kept, so that a tensor-parallel copy can be built from it (tp_model)
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=config.gelu)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = Dropout(config.dropout)
 
@@ -195,6 +195,7 @@ class GPTConfig:
     n_embd: int = 64  # C; n_head * head size, so 16 channels per head by default
     dropout: float = 0.0  # off: equality checks need determinism (TP draws its masks per rank: chapter 12)
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2 (and they test the "add once" rule)
+    gelu: str = "none"  # nn.GELU's approximate=: "none" the exact erf GELU, "tanh" GPT-2's (chapter 16)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -211,6 +212,12 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout={self.dropout!r}: it must be in [0, 1)")
+        if self.gelu not in ("none", "tanh"):
+            raise ValueError(f"GPTConfig.gelu={self.gelu!r}: it must be 'none' (erf) or 'tanh' (GPT-2's approximation)")
+
+    def __repr__(self):  # the default GELU is left out, so configs print as before chapter 16
+        shown = [f.name for f in fields(self) if f.name != "gelu" or self.gelu != "none"]
+        return f"GPTConfig({', '.join(f'{name}={getattr(self, name)!r}' for name in shown)})"
 
     @property
     def head_size(self) -> int:

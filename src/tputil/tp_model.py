@@ -129,7 +129,7 @@ class TPMLP(nn.Module):
         super().__init__()
         C = config.n_embd
         self.c_fc = ColumnParallelLinear(C, 4 * C, group=group, bias=config.bias)  # (C) -> (4C/p)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=config.gelu)  # erf, or GPT-2's tanh (chapter 16)
         self.c_proj = RowParallelLinear(4 * C, C, group=group, bias=config.bias)  # (4C/p) -> (C), all-reduce
         self.dropout = Dropout(config.dropout)  # replicated: the same mask on every rank
 
