@@ -97,6 +97,17 @@ LINKS = {
 }
 
 
+_COUNTS: dict = {}
+
+
+def _vocab_parallel_params(config, p: int) -> int:
+    """`param_counts_per_rank(config, p)["vocab_parallel"]`, remembered (the explorer asks hundreds of times)."""
+    key = (repr(config), p)
+    if key not in _COUNTS:
+        _COUNTS[key] = param_counts_per_rank(config, p)["vocab_parallel"]
+    return _COUNTS[key]
+
+
 def _check_scheme(scheme: str) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
@@ -138,7 +149,7 @@ def memory(config, scheme: str, *, B: int, T: int, p: int, precision="float32", 
     L, C, V = config.n_layer, config.n_embd, config.vocab_size
     e = prec.activation
     if scheme in ("TP", "TP+SP"):
-        n = param_counts_per_rank(config, p)["vocab_parallel"]
+        n = _vocab_parallel_params(config, p)
         sp = scheme == "TP+SP"
         Tp = padded_length(T, p, sp)
         per_layer = sum(layer_bytes(config, B, T, p, sequence_parallel=sp, element_size=e).values())
