@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tputil"
 CORE = {"comm", "model", "shard", "layers", "tp_model", "loss", "rng"}
-RUNNING = {"launch", "train", "cli", "__main__"}
+RUNNING = {"launch", "train", "cli", "__main__", "checkpoint", "tp_checkpoint", "cli_checkpoint"}
 SUPPORT = {"course", "bench", "viz"}
 
 

@@ -33,7 +33,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from . import rng, train as tr
+from . import cli_checkpoint, rng, train as tr
 from .comm import DistGroup, ShmGroup, SingleGroup
 from .launch import available_cpus, default_backend, environment, select_device
 from .model import GPT, GPTConfig
@@ -152,10 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument(
         "--steps",
         type=_non_negative_int,
-        default=200,
-        help="training steps before generating; 0 for the untrained model (default 200)",
+        default=None,
+        help="training steps before generating; 0 for the untrained model (default 200; 0 with --checkpoint or --load)",
     )
     p_gen.set_defaults(func=cmd_generate)
+    cli_checkpoint.add_arguments(p_train, p_gen)  # --save, --checkpoint, --load (chapter 16)
 
     # bench's own options are parsed by tputil.bench.run, imported only when this command runs
     commands.add_parser(
@@ -194,6 +195,11 @@ def _usage_error(parser, rank, message, *, every_rank=True):
 
 def check_arguments(args, world_size) -> GPTConfig:
     """The config for these arguments at degree world_size, or a ValueError saying what to change."""
+    config = cli_checkpoint.checkpoint_config(args, world_size)  # --checkpoint or --load: the checkpoint's
+    if config is not None:
+        if args.backend == "nccl" and not torch.cuda.is_available():
+            raise ValueError("--backend nccl needs CUDA GPUs, and none is available: use --backend gloo")
+        return config
     try:
         config = GPTConfig(
             block_size=args.block_size,
@@ -328,6 +334,8 @@ def cmd_train(args, config, ctx) -> int:
                 dense_losses = tr.train(dense, args.steps, **run)
             for step, loss in enumerate(losses):
                 say_row(step, loss)
+    if args.save:  # chapter 16: every rank writes its shard
+        cli_checkpoint.save(model, args, ctx)
     if ctx.rank != 0:
         return 0
     worst = max(range(args.steps), key=lambda s: gaps[s])
@@ -367,6 +375,8 @@ def cmd_train(args, config, ctx) -> int:
 
 
 def cmd_generate(args, config, ctx) -> int:
+    if args.checkpoint or args.load:  # chapter 16
+        return cli_checkpoint.cmd_generate(args, config, ctx)
     dense, model = build_models(config, args, ctx)
     describe(config, args, ctx, dense)
     if args.steps:

@@ -1,8 +1,9 @@
 """Splitting dense tensors into per-rank shards and gathering them back, by a plan.
 
 Derived in chapter 3 (`divide`, `shard_tensor`, `gather_tensors`), chapter 5 (the `stride` for
-nanoGPT's fused q/k/v weight), chapter 6 (the plan over the whole GPT's state dict) and chapter 10
-(`pad_vocab_size`, `vocab_range` and the `VocabShard` placement of `GPT_VOCAB_TP_PLAN`).
+nanoGPT's fused q/k/v weight), chapter 6 (the plan over the whole GPT's state dict), chapter 10
+(`pad_vocab_size`, `vocab_range` and the `VocabShard` placement of `GPT_VOCAB_TP_PLAN`) and
+chapter 16 (`shard_intervals`: the ranges a rank reads from a checkpoint file).
 
 A shard of a tensor along `dim` is one of p equal contiguous chunks; with `stride` s the dim is
 first cut into s equal sections (q, k and v for `c_attn`) and rank r takes chunk r of each
@@ -51,24 +52,34 @@ def vocab_range(padded_vocab_size: int, rank: int, world_size: int) -> tuple[int
     return rank * per_rank, (rank + 1) * per_rank
 
 
+def shard_intervals(size: int, rank: int, world_size: int, stride: int = 1, what: str | None = None) -> list:
+    """The index ranges [lo, hi) along a dim of `size` that make rank `rank`'s shard, in order.
+
+    stride=1: one range, chunk `rank` of p. stride=s: the dim holds s sections stacked (c_attn's q,
+    k and v, see GPT_TP_PLAN), and chunk `rank` of each. What `shard_tensor` cuts out, and what a
+    rank reads from a file without loading the rest (chapter 16).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is not in range(world_size={world_size})")
+    if stride < 1 or size % (stride * world_size) != 0:
+        raise ValueError(
+            f"cannot shard {what or f'a dim of size {size}'} into p={world_size} shards with stride {stride}: "
+            f"{size} is not divisible by stride * p = {stride * world_size}"
+        )
+    section, chunk = size // stride, size // (stride * world_size)  # e.g. q, k and v; each rank's part of one
+    return [(s * section + rank * chunk, s * section + (rank + 1) * chunk) for s in range(stride)]
+
+
 def shard_tensor(t: torch.Tensor, rank: int, world_size: int, dim: int, stride: int = 1) -> torch.Tensor:
     """Rank `rank`'s shard of t along dim (a new tensor): chunk `rank` of each of `stride` sections.
 
     stride=1: t.chunk(world_size, dim)[rank]. stride=s: dim holds s sections stacked (c_attn's q, k
     and v, see GPT_TP_PLAN) and rank r gets [section_1 chunk r; ...; section_s chunk r].
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} is not in range(world_size={world_size})")
     dim = dim % t.dim()
-    size = t.size(dim)
-    if stride < 1 or size % (stride * world_size) != 0:
-        raise ValueError(
-            f"cannot shard dim {dim} (size {size}) of a tensor of shape {tuple(t.shape)} into "
-            f"p={world_size} shards with stride {stride}: {size} is not divisible by "
-            f"stride * p = {stride * world_size}"
-        )
-    sections = t.split(size // stride, dim=dim)  # e.g. (q, k, v)
-    return torch.cat([s.split(size // (stride * world_size), dim=dim)[rank] for s in sections], dim=dim)
+    what = f"dim {dim} (size {t.size(dim)}) of a tensor of shape {tuple(t.shape)}"
+    ranges = shard_intervals(t.size(dim), rank, world_size, stride, what)
+    return torch.cat([t.narrow(dim, lo, hi - lo) for lo, hi in ranges], dim=dim)
 
 
 def gather_tensors(shards, dim: int, stride: int = 1) -> torch.Tensor:
