@@ -41,6 +41,9 @@ def hf_gpt2(
     model.safetensors (transformers 5 saves only safetensors, so torch.save writes it).
     """
     from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # save_pretrained's bar prints timings: not for stored outputs
 
     config = GPT2Config(
         vocab_size=vocab_size,
