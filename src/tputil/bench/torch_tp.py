@@ -1,4 +1,4 @@
-"""PyTorch's own tensor parallelism on our dense GPT, for the benchmark (`tputil.bench`; chapter 15, planned).
+"""PyTorch's own tensor parallelism on our dense GPT, for the benchmark (`tputil.bench`) and chapter 15.
 
 `torch_tp_model(dense, mesh, vocab_parallel=...)` copies the dense GPT, replaces each attention by
 `SplitQKVAttention` and applies `parallelize_module` with a plan, `torch_tp_plan`. The plan is data,
@@ -42,6 +42,7 @@ from torch._C._distributed_c10d import AllreduceOptions, _create_work_from_futur
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
+from torch.utils._python_dispatch import TorchDispatchMode  # private: hence here, in bench/
 
 from ..comm import REDUCE_OPS
 from ..model import causal_attention
@@ -60,7 +61,10 @@ class SplitQKVAttention(nn.Module):
         C = dense.n_embd
         self.head_size = C // dense.n_head  # hs
         bias = dense.c_attn.bias is not None
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(C, C, bias=bias) for _ in range(3))
+        w = dense.c_attn.weight  # the projections take its dtype and device (float64 in chapter 15)
+        self.q_proj, self.k_proj, self.v_proj = (
+            nn.Linear(C, C, bias=bias, dtype=w.dtype, device=w.device) for _ in range(3)
+        )
         with torch.no_grad():
             for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):  # rows [i C, (i+1) C) of c_attn
                 proj.weight.copy_(dense.c_attn.weight[i * C : (i + 1) * C])
@@ -88,9 +92,10 @@ def torch_tp_plan(*, vocab_parallel: bool) -> dict:
 
     Per layer, forward: one all-reduce after attn.c_proj and one after mlp.c_proj (RowwiseParallel
     turns their partial sums into a replicated output); backward: one all-reduce of dL/dx in front
-    of the column-parallel projections (q, k, v together, as their inputs are the same tensor, and
-    c_fc). vocab_parallel adds one all-reduce after the embedding (rows split over the vocabulary)
-    and lm_head's logits stay sharded over the vocabulary for `loss_parallel`.
+    of each column-parallel projection (q, k and v one each, as each makes its own DTensor of the
+    input, and c_fc: four per layer, where ours has two; chapter 15 counts them). vocab_parallel
+    adds one all-reduce after the embedding (rows split over the vocabulary) and lm_head's logits
+    stay sharded over the vocabulary for `loss_parallel`.
     """
     plan = {
         "transformer.h.*.attn.q_proj": ColwiseParallel(),  # (C) -> (C/p), this rank's heads; no comm in forward
@@ -154,6 +159,31 @@ def train_step(model, optimizer, idx, targets):
         loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+# PyTorch's functional collectives (what DTensor calls) -> our CommStats kinds
+_KINDS = {
+    "all_reduce": "all_reduce",
+    "all_gather_into_tensor": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "broadcast": "broadcast",
+}
+
+
+class CollectiveLog(TorchDispatchMode):
+    """Counts PyTorch's functional collectives by kind and bytes (what this rank passes in), as CommStats."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.bytes = {}, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        ns, name = func.namespace, func.__name__.split(".")[0]
+        if ns == "_c10d_functional" and name in _KINDS:
+            kind, t = _KINDS[name], args[0]
+            self.calls[kind] = self.calls.get(kind, 0) + 1
+            self.bytes[kind] = self.bytes.get(kind, 0) + t.numel() * t.element_size()
+        return func(*args, **(kwargs or {}))
 
 
 class ShmProcessGroup(dist.ProcessGroup):
