@@ -326,3 +326,53 @@ def test_page_works_offline(site, server, browser, name):
     problems += [f"script loaded twice: {src}" for src in shown["twice"]]
     notes = "".join(f"\n  console error: {c}" for c in console)
     assert not problems, f"{name}.html:\n  " + "\n  ".join(problems) + notes
+
+
+# --- chapter 14's explorer, driven -----------------------------------------------------------
+
+
+def test_cost_model_explorer_shows_the_models_numbers(site, server, browser):
+    """Move the explorer's controls in Chromium; the page must show cost_model's fields for each choice.
+
+    The built page runs no Python: its script copies the stored point of the grid (`viz.cost`).
+    The expected texts are computed here, from the same cost model, for each choice.
+    """
+    from tputil.viz import cost as viz_cost
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.route(lambda url: urlsplit(url).netloc != urlsplit(server).netloc, lambda route: route.abort())
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(e.message))
+    try:
+        page.goto(f"{server}/book/14_cost_model.html", wait_until="load", timeout=60_000)
+        page.wait_for_selector(".cm-explorer .cm-p select", timeout=SETTLE_MS)
+        choice = dict(viz_cost.DEFAULT)
+
+        def number(v):  # the browser writes a width of "12.0%" back as "12%"
+            return float(v[:-1]) if v.endswith("%") else v
+
+        def shown():
+            return {
+                k: number(v)
+                for k, v in page.eval_on_selector(
+                    ".cm-explorer .cm-out",
+                    """out => Object.fromEntries(Array.from(out.querySelectorAll("[data-f],[data-w]")).map(
+                    e => e.dataset.f ? [e.dataset.f, e.textContent] : [e.dataset.w, e.style.width]))""",
+                ).items()
+            }
+
+        def expected():
+            f = viz_cost.fields(choice)
+            return {k: number(v) for k, v in f.items() if k != "capacity"}
+
+        assert shown() == expected()  # the stored state, before any move
+        for name, index in [("p", 1), ("model", 1), ("link", 2), ("precision", 0), ("batch", 2), ("device", 2)]:
+            page.select_option(f".cm-explorer .cm-{name} select", index=index)
+            choice[name] = index
+            now = shown()
+            assert now == expected(), f"after {name} = {viz_cost.CONTROLS[name][index][0]}"
+        assert now["b0"].startswith("cannot run")  # GPT-2 XL: 25 heads, p = 2
+    finally:
+        context.close()
+    assert not errors, errors

@@ -110,7 +110,7 @@ def _bar(i: int, prefix: str, parts, f: dict) -> str:
         f'background:{COLORS[k]};width:{f[f"{prefix}{i}_{k}"]}"></div>'
         for k in parts
     )
-    return f'<div style="position:relative;width:260px;white-space:nowrap;background:#f4f4f4">{segs}MARK</div>'
+    return f'<div style="position:relative;width:180px;white-space:nowrap;background:#f4f4f4">{segs}MARK</div>'
 
 
 def render(f: dict) -> str:
@@ -135,11 +135,11 @@ def render(f: dict) -> str:
     )
     return (
         f"<div class='cm-view'><p data-f='title'>{esc(f['title'])}</p>"
-        "<table><tr><th>scheme</th><th>memory per rank (dashed: "
-        f"<span data-f='capacity_text'>{esc(f['capacity_text'])}</span>)</th><th></th>"
-        "<th>time per step (no overlap)</th><th></th><th>binding constraint</th></tr>"
+        "<table style='font-size:13px;white-space:nowrap'><tr><th>scheme</th><th colspan='2'>memory a rank</th>"
+        "<th colspan='2'>time a step (no overlap)</th><th>binding constraint</th></tr>"
         + "".join(rows)
-        + f"</table><p style='font-size:small'>{legend}</p></div>"
+        + f"</table><p style='font-size:small'>{legend}; dashed line: "
+        f"<span data-f='capacity_text'>{esc(f['capacity_text'])}</span></p></div>"
     )
 
 
