@@ -46,12 +46,12 @@ def texts():
 
 def test_the_planned_chapters_follow_the_existing_ones():
     existing, planned = existing_chapters(), planned_chapters()
-    assert existing and planned, "found no chapters, or no planned ones in the intro: the test below tests nothing"
+    assert existing, "found no chapters: the test below tests nothing"  # planned ones may be none (all written)
     assert not existing & planned, f"chapters {sorted(existing & planned)} exist: drop '(planned)' from the intro"
     # numbers are fixed (the text points to them), so a later chapter may land first; no gaps, though
     gaps = set(range(max(existing | planned) + 1)) - existing - planned
     assert not gaps, f"chapters {sorted(gaps)} neither exist nor are planned: the numbers must run without gaps"
-    assert min(planned) > 10, f"planned chapters {sorted(planned)}: only Part IV's (11 on) may be planned"
+    assert min(planned, default=11) > 10, f"planned chapters {sorted(planned)}: only Part IV's (11 on) may be planned"
 
 
 def test_every_chapter_named_exists_or_is_planned():
