@@ -46,6 +46,9 @@ def check_equal_to_ours_and_the_dense_model(side_by_side):
         for side in ("ours", "torch"):
             assert r[side]["logits"] < EXACT and r[side]["loss"] < EXACT and r[side]["grads"] < EXACT, side
         assert r["torch"]["tied"]
+        sp = r["torch_sp"]  # SequenceParallel and PrepareModuleInput: the same numbers
+        assert sp["logits"] < EXACT and sp["loss"] < EXACT and sp["grads"] < EXACT
+        assert "reduce_scatter" in sp["fwd_kinds"] and "all_gather" in sp["fwd_kinds"]
 
 
 def check_collectives_by_kind_and_bytes(side_by_side):

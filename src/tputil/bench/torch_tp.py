@@ -41,7 +41,14 @@ import torch.nn as nn
 from torch._C._distributed_c10d import AllreduceOptions, _create_work_from_future
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
 from torch.utils._python_dispatch import TorchDispatchMode  # private: hence here, in bench/
 
 from ..comm import REDUCE_OPS
@@ -113,6 +120,34 @@ def torch_tp_plan(*, vocab_parallel: bool) -> dict:
     return plan
 
 
+def torch_sp_plan() -> dict:
+    """The vocabulary-parallel plan with sequence parallelism (chapter 11's idea, chapter 15 checks it).
+
+    Between the tensor-parallel regions each rank keeps its T/p tokens (Shard(1)): the first block
+    takes its chunk of the replicated embedding (no comm), the norms run on their shard
+    (SequenceParallel), attention and the MLP all-gather their input (PrepareModuleInput), their
+    c_proj reduce-scatters its output (RowwiseParallel to Shard(1)), lm_head all-gathers its input.
+    """
+    seq = (Shard(1), None)  # a block's and attention's inputs: (x, kv); kv stays None
+    plan = torch_tp_plan(vocab_parallel=True)
+    plan.update(
+        {
+            "transformer.h.0": PrepareModuleInput(
+                input_layouts=(Replicate(), None), desired_input_layouts=seq, use_local_output=True
+            ),
+            "transformer.h.*.ln_1": SequenceParallel(),
+            "transformer.h.*.ln_2": SequenceParallel(),
+            "transformer.h.*.attn": PrepareModuleInput(input_layouts=seq, desired_input_layouts=(Replicate(), None)),
+            "transformer.h.*.mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "transformer.h.*.attn.c_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "transformer.h.*.mlp.c_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "transformer.ln_f": SequenceParallel(),
+            "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+        }
+    )
+    return plan
+
+
 def split_qkv(dense) -> nn.Module:
     """A deep copy of the dense GPT with every attention a `SplitQKVAttention` (same numbers)."""
     model = copy.deepcopy(dense)
@@ -121,10 +156,16 @@ def split_qkv(dense) -> nn.Module:
     return model
 
 
-def torch_tp_model(dense, mesh, *, vocab_parallel: bool) -> nn.Module:
-    """This rank's model under PyTorch's tensor parallelism, from a dense GPT (left untouched)."""
+def torch_tp_model(dense, mesh, *, vocab_parallel: bool, sequence_parallel: bool = False) -> nn.Module:
+    """This rank's model under PyTorch's tensor parallelism, from a dense GPT (left untouched).
+
+    sequence_parallel=True (vocab_parallel too): `torch_sp_plan`; T must be divisible by p.
+    """
     divide(dense.config.n_head, mesh.size(), "n_head")  # the heads split over the ranks: the package's check
-    model = parallelize_module(split_qkv(dense), mesh, torch_tp_plan(vocab_parallel=vocab_parallel))
+    if sequence_parallel and not vocab_parallel:
+        raise ValueError("sequence_parallel=True needs vocab_parallel=True (torch_sp_plan extends that plan)")
+    plan = torch_sp_plan() if sequence_parallel else torch_tp_plan(vocab_parallel=vocab_parallel)
+    model = parallelize_module(split_qkv(dense), mesh, plan)
     if vocab_parallel:
         model.lm_head.weight = model.transformer.wte.weight  # tie again: one DTensor (V/p, C) per rank
     model.vocab_parallel = vocab_parallel

@@ -133,6 +133,19 @@ def side_by_side(group, seed=0):
         debug_bwd={str(k): v for k, v in b_mode.get_comm_counts().items()},
         tied=model.lm_head.weight is model.transformer.wte.weight,
     )
+    # PyTorch's with sequence parallelism (SequenceParallel, PrepareModuleInput)
+    sp = btp.torch_tp_model(dense, mesh, vocab_parallel=True, sequence_parallel=True)
+    with btp.CollectiveLog() as f_log, loss_parallel():
+        logits, loss = sp(x, y)
+    with btp.CollectiveLog() as b_log, loss_parallel():
+        loss.backward()
+    out["torch_sp"] = dict(
+        logits=float((btp.full_logits(logits.detach()) - want_logits).abs().max()),
+        loss=abs(float(btp.full_logits(loss.detach()) - want_loss)),
+        grads=_max_diff(torch_grads_as_dense(sp), want),
+        fwd_kinds=sorted(f_log.calls),
+        bwd_kinds=sorted(b_log.calls),
+    )
     out["pitfalls"] = _pitfalls(dense, x, y, mesh, want_logits, want, group)
     return out
 
