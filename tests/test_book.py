@@ -9,6 +9,10 @@ error, any request that leaves 127.0.0.1 (it is also blocked), an uncaught page 
 that did not load, math left as raw TeX, a widget that did not render. Console messages are only
 shown as context: the theme logs harmless ones (`Got invalid theme mode`, a favicon 404).
 A full-page screenshot of each page is saved under `_build/screenshots/`.
+
+The widgets are driven too: every control of chapters 1-6, 9 and 10 is moved through every
+position and the shown text checked against what that choice implies (`book_widgets`), and
+chapter 14's explorer is moved and checked against the cost model.
 """
 
 import functools
@@ -24,6 +28,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import book_widgets
 import pytest
 import yaml
 
@@ -373,6 +378,74 @@ def test_cost_model_explorer_shows_the_models_numbers(site, server, browser):
             now = shown()
             assert now == expected(), f"after {name} = {viz_cost.CONTROLS[name][index][0]}"
         assert now["b0"].startswith("cannot run")  # GPT-2 XL: 25 heads, p = 2
+    finally:
+        context.close()
+    assert not errors, errors
+
+
+# --- the widgets of chapters 1-6, 9 and 10, driven ----------------------------------------------
+
+
+def _shown_text(widget) -> str:
+    return widget.locator(".widget-html-content pre").text_content()
+
+
+@pytest.mark.parametrize("name", sorted(book_widgets.WIDGETS))
+def test_widget_shows_what_its_controls_choose(site, server, browser, name):
+    """Move each control through every position in Chromium; the page must show that choice's text.
+
+    The slider is moved with the keyboard (Home, then ArrowRight), as a reader may; the dropdown
+    by choosing an option, the toggle buttons by clicking. At each position the shown text must be
+    the notebook's stored text for it, and must pass `book_widgets`' check of what that choice
+    implies (derived from the value, not from the stored text).
+    """
+    check = book_widgets.WIDGETS[name]
+    stored = book_widgets.stored_widget(book_widgets.notebook(name))
+    printed = book_widgets.printed_pages(book_widgets.notebook(name))
+    flat = stored.pages if len(stored.controls) == 1 else [t for row in stored.pages for t in row]
+    assert any(t in printed for t in flat), f"{name}: no stored page equals a printed (nbval-checked) output"
+    assert list(stored.start) == [c.index for c in stored.controls], "the stacks start where the controls do"
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.route(lambda url: urlsplit(url).netloc != urlsplit(server).netloc, lambda route: route.abort())
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(e.message))
+    seen = []
+    try:
+        page.goto(f"{server}/{name}.html", wait_until="load", timeout=60_000)
+        controls = ".noUi-handle, .widget-dropdown select"
+        page.wait_for_selector(f".widget-subarea {controls}", timeout=SETTLE_MS)
+        widget = page.locator(".widget-subarea", has=page.locator(controls))
+        assert widget.count() == 1, f"{name}: {widget.count()} widgets with controls on the page"
+
+        def look(position, choice):
+            shown = _shown_text(widget)
+            want = functools.reduce(lambda pages, i: pages[i], position, stored.pages)
+            assert shown == want, f"{name} at {choice}: the page shows another choice's text:\n{shown}"
+            check(choice if len(choice) > 1 else choice[0], shown)
+            seen.append(shown)
+
+        look(stored.start, tuple(c.labels[c.index] for c in stored.controls))
+        if len(stored.controls) == 1:
+            (slider,) = stored.controls
+            handle = widget.locator(".noUi-handle")
+            handle.focus()
+            page.keyboard.press("Home")
+            for i, label in enumerate(slider.labels):
+                assert widget.locator(".widget-readout").text_content() == label
+                look((i,), (label,))
+                page.keyboard.press("ArrowRight")
+            assert len(set(seen[1:])) == len(slider.labels), "every position shows its own text"
+        else:
+            names, degrees = stored.controls  # chapter 6: a parameter, then p
+            assert (names.kind, degrees.kind) == ("DropdownModel", "ToggleButtonsModel")
+            for i, param in enumerate(names.labels):
+                widget.locator(".widget-dropdown select").select_option(index=i)
+                for j, p in enumerate(degrees.labels):
+                    widget.locator(".widget-toggle-buttons button", has_text=re.compile(rf"^{p}$")).click()
+                    look((i, j), (param, p))
+            assert len(set(seen[1:])) == len(names.labels) * len(degrees.labels)
     finally:
         context.close()
     assert not errors, errors
