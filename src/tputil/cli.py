@@ -374,6 +374,22 @@ def cmd_train(args, config, ctx) -> int:
     return 0
 
 
+def compare_continuation(ctx, args, out, reference, seconds, *, unit, decode, how="", dense) -> int | None:
+    """Rank 0 prints the prompt, the TP continuation `out` (`decode` turns a tensor of ids into text),
+    its speed, and whether the dense model's `reference` is the same; None when it is, else the index
+    of the first differing token. `unit` names a token ("byte"), `how` how the TP model generated,
+    `dense` how the reference was. Used by `generate` and by its checkpoint options (cli_checkpoint)."""
+    ctx.say(f"prompt: {args.prompt!r}")
+    ctx.say(f"TP continuation ({args.new_tokens} {unit}s, greedy{how}): {decode(out)!r}")
+    ctx.say(f"{args.new_tokens / seconds:.0f} tokens per second (TP, rank 0's wall clock)")
+    if torch.equal(out, reference):
+        ctx.say(f"OK: identical to the dense model's continuation ({dense})")
+        return None
+    first = int((out != reference).nonzero()[0])
+    ctx.say(f"DIFFERENT from the dense model's from {unit} {first + 1} on: {decode(reference)!r}")
+    return first
+
+
 def cmd_generate(args, config, ctx) -> int:
     if args.checkpoint or args.load:  # chapter 16
         return cli_checkpoint.cmd_generate(args, config, ctx)
@@ -394,15 +410,12 @@ def cmd_generate(args, config, ctx) -> int:
     if ctx.rank != 0:
         return 0
     reference = dense.eval().generate(idx, args.new_tokens, kv_cache=False)[0, idx.size(1) :]  # nanoGPT's way
-    ctx.say(f"prompt: {args.prompt!r}")
     how = "with a KV cache of each rank's heads" if args.kv_cache else "without a KV cache"
-    ctx.say(f"TP continuation ({args.new_tokens} bytes, greedy, {how}): {tr.decode(out)!r}")
-    ctx.say(f"{args.new_tokens / seconds:.0f} tokens per second (TP, rank 0's wall clock)")
-    if torch.equal(out, reference):
-        ctx.say("OK: identical to the dense model's continuation (dense without a cache)")
+    first = compare_continuation(
+        ctx, args, out, reference, seconds, unit="byte", decode=tr.decode, how=f", {how}", dense="dense without a cache"
+    )
+    if first is None:
         return 0
-    first = int((out != reference).nonzero()[0])
-    ctx.say(f"DIFFERENT from the dense model's from byte {first + 1} on: {tr.decode(reference)!r}")
     if args.steps:  # not necessarily a bug: see the module docstring
         ctx.say(
             f"after {args.steps} training steps the two models' weights differ by rounding that training "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ck, tp_checkpoint as tc, train as tr
+from . import checkpoint as ck, cli, tp_checkpoint as tc, train as tr  # cli imports us: cli's names at run time only
 from .shard import valid_degrees
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -119,15 +119,17 @@ def cmd_generate(args, config, ctx) -> int:
     else:
         dense = tc.load_dense(args.load, dtype=dtype)
     reference = dense.to(ctx.device).generate(idx, args.new_tokens, kv_cache=False)[0, idx.size(1) :]
-    ctx.say(f"prompt: {args.prompt!r}")
-    ctx.say(f"TP continuation ({args.new_tokens} tokens, greedy): {decode(out.tolist())!r}")
-    ctx.say(f"{args.new_tokens / seconds:.0f} tokens per second (TP, rank 0's wall clock)")
-    if torch.equal(out, reference):
-        ctx.say("OK: identical to the dense model's continuation (the same checkpoint, whole, on rank 0)")
-        return 0
-    first = int((out != reference).nonzero()[0])
-    ctx.say(f"DIFFERENT from the dense model's from token {first + 1} on: {decode(reference.tolist())!r}")
-    return 1
+    first = cli.compare_continuation(
+        ctx,
+        args,
+        out,
+        reference,
+        seconds,
+        unit="token",
+        decode=lambda ids: decode(ids.tolist()),
+        dense="the same checkpoint, whole, on rank 0",
+    )
+    return 0 if first is None else 1
 
 
 def save(model, args, ctx):
