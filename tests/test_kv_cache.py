@@ -11,8 +11,9 @@ import torch
 from tp_helpers import FLOAT64, assert_no_close_calls, make_gpt
 from tputil.bench import kv_cache as kv_bench
 from tputil.comm import SingleGroup, run_threads
-from tputil.model import KVCache, causal_attention, generate
-from tputil.tp_model import TPGPT, kv_cache_bytes_per_rank
+from tputil.kv_cache import KVCache, kv_cache_bytes_per_rank
+from tputil.model import causal_attention, generate
+from tputil.tp_model import TPGPT
 
 B, PROMPT, NEW = 2, 4, 40  # 44 tokens > SMALL's block_size 32: the window slides for the last 12
 

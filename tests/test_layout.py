@@ -1,8 +1,8 @@
 """The package's layers hold: the core imports nothing outside the core, running it imports no support.
 
-Core: `comm/`, `model`, `shard`, `layers`, `tp_model`, `loss`, `rng`. Running it: `launch`, `train`, `cli`
-(and `__main__`), which may import the core. Support: `course/`, `bench/`, `viz/`, which may import
-anything. The command line imports `bench/` (and with it PyTorch's DTensor) only inside the
+Core: `comm/`, `model`, `kv_cache`, `shard`, `layers`, `tp_model`, `loss`, `rng`. Running it: `launch`,
+`train`, `cli` (and `__main__`), which may import the core. Support: `course/`, `bench/`, `viz/`, which
+may import anything. The command line imports `bench/` (and with it PyTorch's DTensor) only inside the
 `bench` command. Imports are read from the source (module level and inside functions alike), so
 a lazy import inside a function counts too.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tputil"
-CORE = {"comm", "model", "shard", "layers", "tp_model", "loss", "rng"}
+CORE = {"comm", "model", "kv_cache", "shard", "layers", "tp_model", "loss", "rng"}
 RUNNING = {"launch", "train", "cli", "__main__", "checkpoint", "tp_checkpoint", "cli_checkpoint"}
 SUPPORT = {"course", "bench", "viz"}
 

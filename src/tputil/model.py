@@ -7,6 +7,7 @@ up name by name. Built bottom-up: LayerNorm -> attention -> MLP -> Block -> GPTC
 
 Two differences from nanoGPT, both for the course's equality checks: `forward` always returns the
 logits of every position, and `generate` decodes greedily (argmax) unless asked to sample.
+`generate` keeps the keys and values in a `kv_cache.KVCache` (chapter 13) unless told not to.
 
 Shape glossary: B batch, T time (sequence length), C channels (n_embd), nh heads, hs head size
 (C // nh), V vocab_size.
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from .kv_cache import KVCache
 from .rng import Dropout
 
 
@@ -55,73 +57,6 @@ def causal_attention(q, k, v, *, dropout_p: float = 0.0, dropout=None):
     return att @ v  # (B, nh, T, hs)
 
 
-class LayerKV:
-    """One layer's cached keys and values, k and v (B, nh, T, hs), or None while empty (chapter 13)."""
-
-    def __init__(self):
-        self.k = self.v = None
-
-    def append(self, k, v):
-        """Append the new positions' k and v (B, nh, T_new, hs); return all of them, (B, nh, T + T_new, hs)."""
-        if self.k is not None:
-            k, v = torch.cat((self.k, k), dim=-2), torch.cat((self.v, v), dim=-2)
-        self.k, self.v = k, v
-        return k, v
-
-
-class KVCache:
-    """The keys and values of every position fed so far, per layer: what a new token attends to.
-
-    Derived in chapter 13. `layers[i]` is layer i's `LayerKV`; a model given the cache
-    (`GPT.forward(idx, kv_cache=cache)`) appends the new positions' k and v and attends to all
-    of them, so the next call feeds only the new token. A tensor-parallel rank caches its own
-    heads only: nh/p of them, 1/p of the dense cache. For inference: tensors are kept as given
-    (generate runs under no_grad). One cache per batch; `clear()` empties it.
-    """
-
-    def __init__(self, n_layer: int):
-        self.layers = [LayerKV() for _ in range(n_layer)]
-
-    @property
-    def length(self) -> int:
-        """Positions cached: the position of the next token fed."""
-        k = self.layers[0].k
-        return 0 if k is None else k.size(-2)
-
-    def nbytes(self) -> int:
-        """Bytes held by the cached tensors, summed over layers, k and v."""
-        return sum(t.numel() * t.element_size() for kv in self.layers for t in (kv.k, kv.v) if t is not None)
-
-    def clear(self):
-        for kv in self.layers:
-            kv.k = kv.v = None
-
-    def check(self, B: int, T: int, config, n_head: int) -> int:
-        """Raise a ValueError unless a batch (B, T) fits this cache of a model with n_head heads (on
-        this rank) and `config`'s layers and block_size; return the position of its first token.
-
-        Models call it before any communication, so every rank raises the same error.
-        """
-        if len(self.layers) != config.n_layer:
-            raise ValueError(f"a KVCache of {len(self.layers)} layers for a model of {config.n_layer}")
-        k = self.layers[0].k
-        if k is not None and k.size(0) != B:
-            raise ValueError(
-                f"the KV cache holds a batch of {k.size(0)} sequences, not {B}: use one cache per batch (or clear() it)"
-            )
-        if k is not None and k.size(1) != n_head:
-            raise ValueError(
-                f"the KV cache holds {k.size(1)} heads per layer, this model {n_head} (on this rank): "
-                f"a cache filled by a model split over another number of ranks"
-            )
-        if self.length + T > config.block_size:
-            raise ValueError(
-                f"the KV cache holds {self.length} positions, and {T} more exceed block_size "
-                f"{config.block_size}: clear() it and feed the last block_size tokens (what generate does)"
-            )
-        return self.length
-
-
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: x (B, T, C) -> (B, T, C), with nh = n_head heads of hs = C // nh."""
 
@@ -138,7 +73,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x, kv=None):
-        """kv: this layer's `LayerKV` of a KV cache, or None; with it, x holds the new positions only."""
+        """kv: this layer's `kv_cache.LayerKV` of a KV cache, or None; with it, x holds the new positions only."""
         B, T, C = x.size()  # (B, T, C)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         hs = C // self.n_head
@@ -289,7 +224,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, *, kv_cache=None):
         """idx, targets: (B, T) token ids -> (logits (B, T, V), mean cross-entropy or None).
 
-        kv_cache: a `KVCache`, or None. With it idx holds the positions after the cached ones,
+        kv_cache: a `kv_cache.KVCache`, or None. With it idx holds the positions after the cached ones,
         whose keys and values are appended to the cache (chapter 13).
         """
         B, T = idx.size()
@@ -367,7 +302,7 @@ def generate(
     softmax(logits / temperature), optionally restricted to the top_k tokens, with `generator`.
     Call model.eval() first if the model has dropout.
 
-    kv_cache=True (chapter 13): `model(idx, kv_cache=cache)` must accept a `KVCache`; the prompt
+    kv_cache=True (chapter 13): `model(idx, kv_cache=cache)` must accept a `kv_cache.KVCache`; the prompt
     fills it, then each step feeds only the newest token. kv_cache=False recomputes the whole
     context for every token, as nanoGPT does. Both see the same context: the last block_size
     tokens at positions 0 to block_size - 1. Past block_size that window slides, every token's

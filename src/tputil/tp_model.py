@@ -103,7 +103,7 @@ class TPCausalSelfAttention(nn.Module):
         return _from_dense(cls, dense, group)
 
     def forward(self, x, kv=None):
-        """kv: this layer's `model.LayerKV` (chapter 13): this rank caches its own heads, (B, nh/p, T, hs)."""
+        """kv: this layer's `kv_cache.LayerKV` (chapter 13): this rank caches its own heads, (B, nh/p, T, hs)."""
         qkv = self.c_attn(x)  # (B, T, 3C/p); a sequence-parallel x (B, T/p, C) is all-gathered along T inside
         B, T, _ = qkv.size()
         q, k, v = qkv.split(self.n_head * self.head_size, dim=2)  # each (B, T, C/p): this rank's heads
@@ -297,7 +297,7 @@ class TPGPT(nn.Module):
 
         logits: (B, T, V) replicated, or with vocab_parallel this rank's shard (B, T, V_pad/p),
         the logits of ids [vocab_start, vocab_end), never gathered (see `gather_logits`).
-        kv_cache: a `model.KVCache` of this rank's heads, or None, as in `model.GPT.forward` (chapter 13).
+        kv_cache: a `kv_cache.KVCache` of this rank's heads, or None, as in `model.GPT.forward` (chapter 13).
         """
         B, T = idx.size()
         if T > self.config.block_size:
@@ -483,13 +483,3 @@ def param_counts_per_rank(config, p: int, *, multiple: int = 1) -> dict:
         "vocab_parallel": vocab,
         "saved": replicated - vocab,
     }
-
-
-def kv_cache_bytes_per_rank(config, batch_size: int, length: int, p: int = 1, dtype=torch.float32) -> int:
-    """Bytes of one rank's KV cache holding `length` positions of `batch_size` sequences (chapter 13).
-
-    2 (k and v) * n_layer * B * T * (C/p) * bytes per number: each rank caches its nh/p heads of
-    hs numbers, C/p per position. p = 1 is the dense model's cache.
-    """
-    heads = divide(config.n_head, p, "n_head")
-    return 2 * config.n_layer * batch_size * length * heads * config.head_size * torch.finfo(dtype).bits // 8

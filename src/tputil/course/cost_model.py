@@ -2,7 +2,7 @@
 
 Derived in chapter 14 from the pieces earlier chapters measured: parameter counts per rank
 (`tp_model.param_counts_per_rank`, chapters 6 and 10), the bytes each layer saves for backward
-(`activations.layer_bytes`, chapter 11), the KV cache (`tp_model.kv_cache_bytes_per_rank`,
+(`activations.layer_bytes`, chapter 11), the KV cache (`kv_cache.kv_cache_bytes_per_rank`,
 chapter 13), the collectives each scheme makes (chapters 6, 9, 10 and 11; `compare` for DP, FSDP
 and PP) and the ring's time model (`cost.ring_time`, chapters 2 and 8). Nothing here is a second
 copy of those: this module only adds them up per scheme.
@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..kv_cache import kv_cache_bytes_per_rank
 from ..shard import divide
-from ..tp_model import kv_cache_bytes_per_rank, param_counts_per_rank
+from ..tp_model import param_counts_per_rank
 from . import compare
 from .activations import layer_bytes, padded_length
 from .cost import ring_time
