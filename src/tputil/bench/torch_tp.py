@@ -212,18 +212,27 @@ _KINDS = {
 
 
 class CollectiveLog(TorchDispatchMode):
-    """Counts PyTorch's functional collectives by kind and bytes (what this rank passes in), as CommStats."""
+    """Counts PyTorch's functional collectives by kind and bytes (what this rank passes in), as CommStats.
+
+    `log`: (kind, bytes) of each call in order. An op on DTensors is handed back to DTensor first
+    (NotImplemented, as CommDebugMode does), so the collectives it runs inside (loss_parallel's, a
+    Partial gradient reduced by the optimizer) pass through here too; otherwise the mode, disabled
+    while it handles the op, would miss them.
+    """
 
     def __init__(self):
         super().__init__()
-        self.calls, self.bytes = {}, {}
+        self.calls, self.bytes, self.log = {}, {}, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
         ns, name = func.namespace, func.__name__.split(".")[0]
         if ns == "_c10d_functional" and name in _KINDS:
             kind, t = _KINDS[name], args[0]
             self.calls[kind] = self.calls.get(kind, 0) + 1
             self.bytes[kind] = self.bytes.get(kind, 0) + t.numel() * t.element_size()
+            self.log.append((kind, t.numel() * t.element_size()))
         return func(*args, **(kwargs or {}))
 
 

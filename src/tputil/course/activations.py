@@ -35,15 +35,23 @@ def region_of(module_name: str) -> str:
     return "loss"  # saved by the model's own forward: the loss (and the head's gather)
 
 
+def _local(t):
+    """What this rank stores of t: a DTensor's local tensor (PyTorch's TP, chapter 15), else t."""
+    if hasattr(t, "to_local"):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
 def saved_bytes(model, run) -> Counter:
     """{region: bytes saved for backward while run() runs}; each storage once, parameters excluded.
 
     run: a function of no arguments that runs a forward pass of `model` (its result is discarded,
     so its saved tensors are freed afterwards). Works on `comm.run_threads` ranks: the hooks are
-    per thread and per module.
+    per thread and per module. A DTensor counts its local tensor (chapter 15).
     """
     stack, totals, seen = ["loss"], Counter(), set()
-    params = {q.untyped_storage().data_ptr() for q in model.parameters()}
+    params = {_local(q).untyped_storage().data_ptr() for q in model.parameters()}
 
     def push(region):
         return lambda module, args: stack.append(region)
@@ -52,7 +60,7 @@ def saved_bytes(model, run) -> Counter:
         stack.pop()
 
     def pack(t):
-        storage = t.untyped_storage()
+        storage = _local(t).untyped_storage()
         key = storage.data_ptr()
         if key not in params and key not in seen:
             seen.add(key)
