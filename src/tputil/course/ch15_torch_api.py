@@ -6,8 +6,10 @@ ours is `tp_model.VocabParallelTPGPT`. Both start from the same dense float64 GP
 
 - `side_by_side`: logits, loss and every gradient of PyTorch's TP and of ours against the dense
   model; the collectives of a forward and of a backward, by kind and bytes, on both sides; then
-  the pitfalls (fused c_attn cut contiguously, the tie lost, a dimension p does not divide,
-  an unnamed mesh over a second process group), each failing and then fixed.
+  PyTorch's sequence-parallel plan beside ours with sequence parallelism, layer by layer, and
+  where PyTorch sums the norms' gradients (`ch15_sequence_parallel.compare`); then the pitfalls
+  (fused c_attn cut contiguously, the tie lost, a dimension p does not divide, an unnamed mesh
+  over a second process group), each failing and then fixed.
 - `two_d_step`: a 2 x 2 mesh on 4 ranks (TP inside, data parallelism across); one training step's
   gradients against the dense model's on the whole batch.
 """
@@ -25,6 +27,7 @@ from ..bench import torch_tp as btp
 from ..model import GPTConfig, causal_attention, untrained_gpt
 from ..shard import divide, shard_state_dict
 from ..tp_model import VocabParallelTPGPT
+from . import ch15_sequence_parallel as ch15_sp
 
 
 def config_and_batch(seed=0, B=2, **config):
@@ -49,7 +52,12 @@ def dense_grads(dense, x, y):
 
 def torch_grads_as_dense(model) -> dict:
     """A torch_tp_model's gradients under the dense names, full tensors (q, k, v stacked into c_attn)."""
-    full = {n: btp.full_logits(w.grad) for n, w in model.named_parameters()}
+    return torch_as_dense({n: w.grad for n, w in model.named_parameters()})
+
+
+def torch_as_dense(tensors: dict) -> dict:
+    """{name: tensor} of a torch_tp_model (gradients, weights) as full tensors under the dense names."""
+    full = {n: btp.full_logits(t) for n, t in tensors.items()}
     out = {}
     for n, g in full.items():
         if ".attn.q_proj." in n:
@@ -133,19 +141,8 @@ def side_by_side(group, seed=0):
         debug_bwd={str(k): v for k, v in b_mode.get_comm_counts().items()},
         tied=model.lm_head.weight is model.transformer.wte.weight,
     )
-    # PyTorch's with sequence parallelism (SequenceParallel, PrepareModuleInput)
-    sp = btp.torch_tp_model(dense, mesh, vocab_parallel=True, sequence_parallel=True)
-    with btp.CollectiveLog() as f_log, loss_parallel():
-        logits, loss = sp(x, y)
-    with btp.CollectiveLog() as b_log, loss_parallel():
-        loss.backward()
-    out["torch_sp"] = dict(
-        logits=float((btp.full_logits(logits.detach()) - want_logits).abs().max()),
-        loss=abs(float(btp.full_logits(loss.detach()) - want_loss)),
-        grads=_max_diff(torch_grads_as_dense(sp), want),
-        fwd_kinds=sorted(f_log.calls),
-        bwd_kinds=sorted(b_log.calls),
-    )
+    # PyTorch's with sequence parallelism beside ours with it (chapter 11): ch15_sequence_parallel
+    out["torch_sp"] = ch15_sp.compare(group, mesh, dense, x, y, want_logits, want_loss, want, torch_as_dense)
     out["pitfalls"] = _pitfalls(dense, x, y, mesh, want_logits, want, group)
     return out
 
