@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tputil"
 CORE = {"comm", "model", "kv_cache", "shard", "layers", "tp_model", "loss", "rng"}
-RUNNING = {"launch", "train", "cli", "__main__", "checkpoint", "tp_checkpoint", "cli_checkpoint"}
+RUNNING = {"launch", "train", "cli", "__main__", "checkpoint", "tp_checkpoint", "cli_checkpoint", "cli_report"}
 SUPPORT = {"course", "bench", "viz"}
 
 

@@ -12,7 +12,8 @@ process group (gloo on CPU, NCCL with one GPU per process) and builds its slice 
 dense GPT (`TPGPT.from_dense`); only rank 0 prints, and rank 0 also runs the dense model on the
 same batches, as the reference. `generate` caches each rank's keys and values (chapter 13;
 `--no-kv-cache` recomputes the context for every token) and compares its tokens with the dense
-model's, generated without a cache.
+model's, generated without a cache. What they print, the comparisons included, is `cli_report`'s;
+the checkpoint options (chapter 16) are `cli_checkpoint`'s.
 
 Exit codes: 2 for bad input (a degree that does not divide the heads, ...), found by every rank
 before any communication, rank 0 saying what to change (torchrun itself then exits with 1).
@@ -33,7 +34,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from . import cli_checkpoint, rng, train as tr
+from . import cli_checkpoint, cli_report as report, rng, train as tr
 from .comm import DistGroup, ShmGroup, SingleGroup
 from .launch import available_cpus, default_backend, environment, select_device
 from .model import GPT, GPTConfig
@@ -275,29 +276,13 @@ def build_models(config, args, ctx):
     return dense, tp.from_dense(dense, group=ctx.group, rng_seed=args.seed, sequence_parallel=sequence_parallel)
 
 
-def describe(config, args, ctx, dense):
-    ctx.say(
-        f"model: GPT n_layer={config.n_layer} n_head={config.n_head} n_embd={config.n_embd} "
-        f"block_size={config.block_size} vocab_size={config.vocab_size} ({dense.num_params():,} parameters), "
-        f"{args.dtype}"
-    )
-    ctx.say(
-        f"tensor parallel over p={ctx.world_size} process(es), backend {ctx.backend}; the dense reference "
-        f"runs on rank 0"
-    )
-    if args.vocab_parallel:
-        ctx.say("vocabulary parallel: the embedding, the tied head and the loss are sharded over the vocabulary")
-    if getattr(args, "sequence_parallel", False):
-        ctx.say("sequence parallel: outside the tensor-parallel regions each rank keeps its own T/p tokens")
-
-
 # ------------------------------------------------------------------------------- commands
 
 
 def cmd_train(args, config, ctx) -> int:
     dense, model = build_models(config, args, ctx)
     run = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    describe(config, args, ctx, dense)
+    report.describe(config, args, ctx, dense)
     ctx.say(
         f"data: generated corpus ({len(tr.corpus())} bytes), batches of {args.batch_size} x {config.block_size} "
         f"tokens (seed {args.seed}); AdamW lr={args.lr}"
@@ -309,19 +294,12 @@ def cmd_train(args, config, ctx) -> int:
             f"the ranks drew (chapter 12), gathered to rank 0"
         )
     dense_losses = tr.train(dense, args.steps, **run) if ctx.rank == 0 and not dropout else None  # the reference
-    dtype, digits = DTYPES[args.dtype], (7 if args.dtype == "float32" else 13)
-    width = digits + 4
-    ctx.say(f"{'step':>5} {'TP loss':>{width}} {'dense loss':>{width}} {'|TP - dense|':>13}")
-    comm, gaps, start = [], [], time.perf_counter()
-
-    def say_row(step, loss):
-        gaps.append(abs(loss - dense_losses[step]))
-        ctx.say(f"{step + 1:>5} {loss:>{width}.{digits}f} {dense_losses[step]:>{width}.{digits}f} {gaps[-1]:>13.1e}")
+    table, comm, start = report.LossTable(ctx, args.dtype), [], time.perf_counter()
 
     def on_step(step, loss, stats):
         comm.append(stats)
         if ctx.rank == 0 and not dropout:
-            say_row(step, loss)
+            table.row(step, loss, dense_losses[step])
 
     with rng.recording(model) if dropout else contextlib.nullcontext() as masks:
         losses = tr.train(model, args.steps, **run, on_step=on_step)
@@ -333,68 +311,19 @@ def cmd_train(args, config, ctx) -> int:
             with rng.replaying(dense, rng.assemble_masks(rank_masks, regions, seq_len=config.block_size)):
                 dense_losses = tr.train(dense, args.steps, **run)
             for step, loss in enumerate(losses):
-                say_row(step, loss)
+                table.row(step, loss, dense_losses[step])
     if args.save:  # chapter 16: every rank writes its shard
         cli_checkpoint.save(model, args, ctx)
     if ctx.rank != 0:
         return 0
-    worst = max(range(args.steps), key=lambda s: gaps[s])
-    bad = [s for s in range(args.steps) if gaps[s] > tr.loss_tolerance(dtype, s)]
-    calls, nbytes = comm[-1].calls.get("all_reduce", 0), comm[-1].bytes.get("all_reduce", 0)
-    tolerance = "1e-12" if dtype == torch.float64 else "5e-6 + 1e-7 per step"
-    ctx.say(
-        f"summary: {args.steps} steps; TP loss {losses[0]:.4f} -> {losses[-1]:.4f}, dense "
-        f"{dense_losses[0]:.4f} -> {dense_losses[-1]:.4f}; largest |TP - dense| = {gaps[worst]:.1e} "
-        f"(step {worst + 1}), tolerance {tolerance}"
-    )
-    where = (
-        f"4 per layer and {calls - 4 * config.n_layer} for the embedding, head and loss"
-        if args.vocab_parallel
-        else f"{calls / config.n_layer:g} per layer"
-    )
-    if args.sequence_parallel:  # chapter 11: per layer 6 all-gathers and 4 reduce-scatters, no all-reduce
-        gathers, scatters = comm[-1].calls.get("all_gather", 0), comm[-1].calls.get("reduce_scatter", 0)
-        calls = f"{gathers} all-gathers, {scatters} reduce-scatters and {calls}"
-        where = "6 all-gathers and 4 reduce-scatters per layer; all-reduces: the own-token gradients' sum" + (
-            ", the loss's" if args.vocab_parallel else ""
-        )
-        nbytes = comm[-1].total_bytes
-    ctx.say(
-        f"communication per training step on each rank: {calls} all-reduces ({where}), "
-        f"{nbytes / 2**20:.2f} MiB; {1000 * seconds:.1f} ms per TP step"
-    )
-    if bad:
-        ctx.say(
-            f"MISMATCH: the TP loss left the dense loss at {len(bad)} step(s), first at step {bad[0] + 1}. "
-            f"A gap at the first steps is a bug; one that appears late and then grows fast is training "
-            f"amplifying rounding, as at a large learning rate (try a smaller --lr; see train.loss_tolerance)"
-        )
-        return 1
-    ctx.say(f"OK: the TP loss matched the dense loss at every step, within the {args.dtype} tolerance")
-    return 0
-
-
-def compare_continuation(ctx, args, out, reference, seconds, *, unit, decode, how="", dense) -> int | None:
-    """Rank 0 prints the prompt, the TP continuation `out` (`decode` turns a tensor of ids into text),
-    its speed, and whether the dense model's `reference` is the same; None when it is, else the index
-    of the first differing token. `unit` names a token ("byte"), `how` how the TP model generated,
-    `dense` how the reference was. Used by `generate` and by its checkpoint options (cli_checkpoint)."""
-    ctx.say(f"prompt: {args.prompt!r}")
-    ctx.say(f"TP continuation ({args.new_tokens} {unit}s, greedy{how}): {decode(out)!r}")
-    ctx.say(f"{args.new_tokens / seconds:.0f} tokens per second (TP, rank 0's wall clock)")
-    if torch.equal(out, reference):
-        ctx.say(f"OK: identical to the dense model's continuation ({dense})")
-        return None
-    first = int((out != reference).nonzero()[0])
-    ctx.say(f"DIFFERENT from the dense model's from {unit} {first + 1} on: {decode(reference)!r}")
-    return first
+    return report.train_summary(args, config, ctx, losses, dense_losses, table.gaps, comm[-1], seconds)
 
 
 def cmd_generate(args, config, ctx) -> int:
     if args.checkpoint or args.load:  # chapter 16
         return cli_checkpoint.cmd_generate(args, config, ctx)
     dense, model = build_models(config, args, ctx)
-    describe(config, args, ctx, dense)
+    report.describe(config, args, ctx, dense)
     if args.steps:
         run = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         ctx.say(f"training both models for {args.steps} steps on the generated corpus ...")
@@ -411,28 +340,10 @@ def cmd_generate(args, config, ctx) -> int:
         return 0
     reference = dense.eval().generate(idx, args.new_tokens, kv_cache=False)[0, idx.size(1) :]  # nanoGPT's way
     how = "with a KV cache of each rank's heads" if args.kv_cache else "without a KV cache"
-    first = compare_continuation(
+    first = report.compare_continuation(
         ctx, args, out, reference, seconds, unit="byte", decode=tr.decode, how=f", {how}", dense="dense without a cache"
     )
-    if first is None:
-        return 0
-    if args.steps:  # not necessarily a bug: see the module docstring
-        ctx.say(
-            f"after {args.steps} training steps the two models' weights differ by rounding that training "
-            f"amplified (a lot at a large --lr), which can flip a near-tie; with --steps 0 they must agree"
-        )
-        return 0
-    # the same weights: only a near-tie, two logits within rounding, may go either way
-    context = torch.cat([idx[0], reference[:first]])[None, -config.block_size :]  # (1, <= T)
-    with torch.no_grad():
-        logits = dense(context)[0][0, -1]  # (V,) the dense model's logits for the differing byte
-    margin = (logits[reference[first]] - logits[out[first]]).abs().item()
-    tie = margin <= (1e-4 if args.dtype == "float32" else 1e-10) * logits.abs().max().item()
-    ctx.say(
-        f"the dense logits of the two bytes differ by {margin:.1e}: "
-        + ("a near-tie within rounding, not a bug" if tie else "more than rounding can explain: a bug")
-    )
-    return 0 if tie else 1
+    return 0 if first is None else report.explain_difference(args, config, ctx, dense, idx, out, reference, first)
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ck, cli, tp_checkpoint as tc, train as tr  # cli imports us: cli's names at run time only
+from . import checkpoint as ck, cli_report as report, tp_checkpoint as tc, train as tr
 from .shard import valid_degrees
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -119,7 +119,7 @@ def cmd_generate(args, config, ctx) -> int:
     else:
         dense = tc.load_dense(args.load, dtype=dtype)
     reference = dense.to(ctx.device).generate(idx, args.new_tokens, kv_cache=False)[0, idx.size(1) :]
-    first = cli.compare_continuation(
+    first = report.compare_continuation(
         ctx,
         args,
         out,
