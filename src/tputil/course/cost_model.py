@@ -9,7 +9,8 @@ copy of those: this module only adds them up per scheme.
 
 Conventions. `B` sequences of `T` tokens form the global batch of one step. Memory is bytes on
 one rank; time is seconds of one rank's step with nothing overlapped (compute, then every
-collective, one after the other, plus the pipeline's bubble). The tensor-parallel schemes use the
+collective, one after the other, plus the pipeline's bubble; per layer, and with what can overlap:
+`layer_time`). The tensor-parallel schemes use the
 vocabulary-parallel head (chapter 10), as Megatron-LM does. Which parts are run and counted by
 tests (TP, TP+SP: the package has them) and which are derived only (DP, FSDP, PP: from their
 definitions in `compare`) is said in tests/test_cost_model.py.
@@ -293,14 +294,12 @@ def tp_layer_times(config, *, B: int, T: int, p: int, precision, device: Device,
 
     TP "pays" at p when communication <= compute: p ranks then run the layer at least p/2 times as
     fast as one device (chapter 8's R(p) <= 1, here with latency and the attention scores).
+    `layer_time.layer_time(config, "TP", ...)`'s compute and its collectives added up, nothing overlapped.
     """
-    prec = _precision(precision)
-    divide(config.n_head, p, "n_head")
-    C = config.n_embd
-    compute = 3 * (24 * B * T * C * C + 4 * B * T * T * C) / p / device.flops[prec.name]
-    calls = layer_collectives(config, "TP", B=B, T=T, p=p, precision=prec)
-    comm = sum(ring_time(k, n, p, latency=link.latency, bandwidth=link.bandwidth) for c in calls.values() for k, n in c)
-    return compute, comm
+    from .layer_time import layer_time  # it builds on this module; the per-layer model lives there
+
+    t = layer_time(config, "TP", B=B, T=T, p=p, precision=precision, device=device, link=link)
+    return t["compute"], sum(t["collectives"].values())
 
 
 def binding(mem: dict, times: dict, device: Device) -> str:
