@@ -180,3 +180,29 @@ def test_the_benchmark_json_records_command_and_machine(tmp_path, monkeypatch):
     assert made_by["command"].endswith("python -m tputil.bench.kv_cache " + " ".join(argv))
     assert made_by["command"].startswith("OMP_WAIT_POLICY=PASSIVE ")  # the variables that change timings, first
     assert made_by["environment"]["OMP_WAIT_POLICY"] == "PASSIVE" and made_by["cores"] >= 1
+
+
+def test_the_stored_all_reduce_run_says_what_made_it_and_its_fit_is_redone():
+    """book/data/all_reduce_2cpu.json (chapter 2's timings, chapter 14's table): command, machine, fit."""
+    from tputil.course import cost
+
+    run = json.loads((Path(__file__).parent.parent / "book" / "data" / "all_reduce_2cpu.json").read_text())
+    assert run["made_by"]["command"].endswith("python -m tputil.bench.all_reduce --json book/data/all_reduce_2cpu.json")
+    assert len(run["nbytes"]) == len(run["seconds"]) == 13 and all(t > 0 for t in run["seconds"])
+    fit = cost.fit_latency_bandwidth("all_reduce", run["nbytes"], run["seconds"], run["setup"]["p"])
+    assert fit == (run["latency"], run["bandwidth"])
+
+
+@pytest.mark.slow
+def test_the_all_reduce_command_times_every_size_and_records_its_run(tmp_path):
+    from tputil.bench import all_reduce
+
+    out = tmp_path / "run.json"
+    assert all_reduce.main(["--reps", "1", "--warmup", "0", "--json", str(out)]) == 0
+    run = json.loads(out.read_text())
+    assert run["nbytes"] == all_reduce.SIZES and len(run["seconds"]) == len(all_reduce.SIZES)
+    assert run["made_by"]["command"].endswith(
+        "python -m tputil.bench.all_reduce --reps 1 --warmup 0 --json " + str(out)
+    )
+    with pytest.raises(SystemExit):
+        all_reduce.main(["--p", "1"])  # an all-reduce needs two processes: the error names --p

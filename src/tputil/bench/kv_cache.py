@@ -18,9 +18,6 @@ another order may flip a near-tie, so a difference is reported in the table, not
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import sys
 
 import torch
@@ -28,6 +25,7 @@ import torch
 from ..launch import run_processes
 from ..model import GPTConfig, untrained_gpt
 from ..tp_model import TPGPT
+from . import timing
 from .timing import seconds, slowest_rank_times
 
 
@@ -138,30 +136,6 @@ def table(result) -> str:
     return "\n".join(lines)
 
 
-_ENVIRONMENT = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "MKL_CBWR")
-
-
-def machine() -> dict:
-    """What ran the benchmark, for a stored run: the CPU, its cores, the system, Python, torch, the
-    load average, and the environment variables that change CPU timings (those set)."""
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
-    return dict(
-        cpu=cpu,
-        cores=os.cpu_count(),
-        system=platform.platform(),
-        python=platform.python_version(),
-        torch=torch.__version__,
-        load_average_before=load,
-        environment={k: os.environ[k] for k in _ENVIRONMENT if k in os.environ},
-    )
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tputil.bench.kv_cache", description=__doc__.split("\n\n")[0])
     for name, default, what in (
@@ -180,9 +154,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k != "json"}
-    made_by = machine()
-    env = [f"{k}={shlex.quote(v)}" for k, v in made_by["environment"].items()]
-    made_by["command"] = " ".join([*env, "python -m tputil.bench.kv_cache", *map(shlex.quote, argv)])
+    made_by = timing.made_by("python -m tputil.bench.kv_cache", argv)
     try:
         result = run(**options)
     except ValueError as exc:

@@ -4,12 +4,16 @@
 rank's seconds for run(), the same number on every rank (chapter 2's all-reduce timings, chapter
 8's forward passes); `slowest_rank_times` keeps every rep. Its two steps are public for a caller
 that times in its own rounds (the benchmark, `bench.ranks`): `line_up(group)` and
-`seconds(run, device)`.
+`seconds(run, device)`. `made_by(prog, argv)`: what a stored run records about the command and the
+machine that made it (chapters 13 and 14 read such runs).
 
 The time of single collectives, call by call, is recorded by the group itself
 (`group.stats.measure(timed=True)`, see `comm.CommStats`).
 """
 
+import os
+import platform
+import shlex
 import statistics
 import time
 
@@ -60,3 +64,35 @@ def slowest_rank_times(run, group=None, *, reps: int = 20, warmup: int = 3) -> l
             elapsed = group.all_reduce(elapsed, op="max")  # the slowest rank's time
         times.append(elapsed.item())
     return times
+
+
+_ENVIRONMENT = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "MKL_CBWR")
+
+
+def machine() -> dict:
+    """What ran the benchmark, for a stored run: the CPU, its cores, the system, Python, torch, the
+    load average, and the environment variables that change CPU timings (those set)."""
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    return dict(
+        cpu=cpu,
+        cores=os.cpu_count(),
+        system=platform.platform(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        load_average_before=load,
+        environment={k: os.environ[k] for k in _ENVIRONMENT if k in os.environ},
+    )
+
+
+def made_by(prog: str, argv) -> dict:
+    """`machine()` and the command line that made a run: the timing-relevant variables set, prog, argv."""
+    out = machine()
+    env = [f"{k}={shlex.quote(v)}" for k, v in out["environment"].items()]
+    out["command"] = " ".join([*env, prog, *map(shlex.quote, argv)])
+    return out
