@@ -12,7 +12,6 @@ the run (`timing.made_by`).
 """
 
 import argparse
-import json
 import sys
 
 from ..course import cost
@@ -62,17 +61,14 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    made_by = timing.made_by("python -m tputil.bench.all_reduce", argv)
-    try:
-        result = run(p=args.p, reps=args.reps, warmup=args.warmup)
-    except ValueError as exc:
-        parser.error(str(exc))
-    print(table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(result, made_by=made_by), f, indent=1)
-            f.write("\n")
-    return 0
+    return timing.run_command(
+        parser,
+        "python -m tputil.bench.all_reduce",
+        argv,
+        args.json,
+        lambda: run(p=args.p, reps=args.reps, warmup=args.warmup),
+        table,
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ another order may flip a near-tie, so a difference is reported in the table, not
 """
 
 import argparse
-import json
 import sys
 
 import torch
@@ -154,17 +153,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k != "json"}
-    made_by = timing.made_by("python -m tputil.bench.kv_cache", argv)
-    try:
-        result = run(**options)
-    except ValueError as exc:
-        parser.error(str(exc))
-    print(table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(result, made_by=made_by), f, indent=1)
-            f.write("\n")
-    return 0
+    return timing.run_command(parser, "python -m tputil.bench.kv_cache", argv, args.json, lambda: run(**options), table)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ The time of single collectives, call by call, is recorded by the group itself
 (`group.stats.measure(timed=True)`, see `comm.CommStats`).
 """
 
+import json
 import os
 import platform
 import shlex
@@ -96,3 +97,20 @@ def made_by(prog: str, argv) -> dict:
     env = [f"{k}={shlex.quote(v)}" for k, v in out["environment"].items()]
     out["command"] = " ".join([*env, prog, *map(shlex.quote, argv)])
     return out
+
+
+def run_command(parser, prog: str, argv, json_path, run, table) -> int:
+    """The end of a benchmark's command line: run it, print its table, and write the result as
+    JSON to `json_path` (when given) with `made_by` beside it. A ValueError of `run` (bad sizes)
+    becomes the parser's usage error, naming the flag to change."""
+    made = made_by(prog, argv)
+    try:
+        result = run()
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(table(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(result, made_by=made), f, indent=1)
+            f.write("\n")
+    return 0
