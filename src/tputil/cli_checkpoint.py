@@ -19,8 +19,6 @@ import torch
 from . import checkpoint as ck, cli_report as report, tp_checkpoint as tc, train as tr
 from .shard import valid_degrees
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 def add_arguments(p_train, p_gen):
     p_train.add_argument(
@@ -93,7 +91,7 @@ def _codec(args):
 
 
 def cmd_generate(args, config, ctx) -> int:
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)  # "float32" or "float64": the parser's --dtype choices (cli_args.DTYPES)
     options = {"vocab_parallel": True} if args.vocab_parallel else {}
     if args.checkpoint:
         model = ck.load_gpt2(args.checkpoint, group=ctx.group, dtype=dtype, **options)
