@@ -386,8 +386,15 @@ def test_cost_model_explorer_shows_the_models_numbers(site, server, browser):
 # --- the widgets of chapters 1-6, 9 and 10, driven ----------------------------------------------
 
 
-def _shown_text(widget) -> str:
-    return widget.locator(".widget-html-content pre").text_content()
+def _shown_text(widget, want: str, wait_s: float = 5.0) -> str:
+    """The text the widget shows, once it is `want` or after `wait_s` (the stack may redraw a little
+    after the control moves): the caller compares, so a wrong page fails with what it shows."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        shown = widget.locator(".widget-html-content pre").text_content()
+        if shown == want or time.monotonic() > deadline:
+            return shown
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("name", sorted(book_widgets.WIDGETS))
@@ -399,6 +406,8 @@ def test_widget_shows_what_its_controls_choose(site, server, browser, name):
     the notebook's stored text for it, and must pass `book_widgets`' check of what that choice
     implies (derived from the value, not from the stored text).
     """
+    from playwright.sync_api import expect
+
     check = book_widgets.WIDGETS[name]
     stored = book_widgets.stored_widget(book_widgets.notebook(name))
     printed = book_widgets.printed_pages(book_widgets.notebook(name))
@@ -420,8 +429,8 @@ def test_widget_shows_what_its_controls_choose(site, server, browser, name):
         assert widget.count() == 1, f"{name}: {widget.count()} widgets with controls on the page"
 
         def look(position, choice):
-            shown = _shown_text(widget)
             want = functools.reduce(lambda pages, i: pages[i], position, stored.pages)
+            shown = _shown_text(widget, want)
             assert shown == want, f"{name} at {choice}: the page shows another choice's text:\n{shown}"
             check(choice if len(choice) > 1 else choice[0], shown)
             seen.append(shown)
@@ -433,7 +442,7 @@ def test_widget_shows_what_its_controls_choose(site, server, browser, name):
             handle.focus()
             page.keyboard.press("Home")
             for i, label in enumerate(slider.labels):
-                assert widget.locator(".widget-readout").text_content() == label
+                expect(widget.locator(".widget-readout")).to_have_text(label)  # waits for the slider to show it
                 look((i,), (label,))
                 page.keyboard.press("ArrowRight")
             assert len(set(seen[1:])) == len(slider.labels), "every position shows its own text"
