@@ -166,6 +166,12 @@ def torch_tp_model(dense, mesh, *, vocab_parallel: bool, sequence_parallel: bool
         raise ValueError("sequence_parallel=True needs vocab_parallel=True (torch_sp_plan extends that plan)")
     plan = torch_sp_plan() if sequence_parallel else torch_tp_plan(vocab_parallel=vocab_parallel)
     model = parallelize_module(split_qkv(dense), mesh, plan)
+    if sequence_parallel:  # refuse a T that p does not divide before the first all-gather fails on one rank
+
+        def check_tokens(_, args):
+            divide(args[0].size(1), mesh.size(), "T")
+
+        model.register_forward_pre_hook(check_tokens)
     if vocab_parallel:
         model.lm_head.weight = model.transformer.wte.weight  # tie again: one DTensor (V/p, C) per rank
     model.vocab_parallel = vocab_parallel

@@ -188,8 +188,8 @@ def _steps(theirs, dense, want, partial, as_dense):
     def local_sgd():
         with torch.no_grad():
             for w in params.values():
-                local = w.to_local() if isinstance(w, DTensor) else w
-                local -= 0.1 * (w.grad.to_local() if isinstance(w.grad, DTensor) else w.grad)
+                local = btp.local_value(w)
+                local -= 0.1 * btp.local_value(w.grad)
 
     run("SGD on to_local()", local_sgd, wanted["SGD"])
     kept = {n: params[n].grad for n in partial}

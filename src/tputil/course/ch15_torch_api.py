@@ -19,7 +19,7 @@ import copy
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module
 
@@ -225,7 +225,7 @@ def two_d_step(group, seed=0):
         loss.backward()
     dp_group = mesh.get_group("dp")
     for w in model.parameters():
-        local = w.grad.to_local() if isinstance(w.grad, DTensor) else w.grad
+        local = btp.local_value(w.grad)
         dist.all_reduce(local, group=dp_group)
         local /= 2
     loss = btp.local_value(loss.detach()).clone()
