@@ -77,8 +77,11 @@ def machine() -> dict:
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:  # no /proc (macOS, Windows): the processor's name from platform
+        pass
+    try:
         load = os.getloadavg()[0]
-    except OSError:
+    except (OSError, AttributeError):  # Windows has no load average
         load = None
     return dict(
         cpu=cpu,

@@ -128,7 +128,6 @@ def generation_time(
     device,
     link,
     precision="float32",
-    vocab_parallel: bool = False,
 ) -> dict:
     """Seconds of `generate(model, idx (B, prompt), new_tokens)` on one rank: compute and communication.
 
@@ -136,7 +135,7 @@ def generation_time(
     prompt, each later one the newest token, whose queries meet all t cached keys; without it every
     call feeds the whole context of t = prompt + i tokens. One call feeding Tq tokens against Tk
     keys does L (24 B Tq C^2 + 4 B Tq Tk C) FLOPs in the blocks, split over p ranks, and 2 B Tq C V
-    in the head (split only when vocab_parallel; chapter 13's benchmark replicates it), and under
+    in the replicated head (`TPGPT`'s, as in chapter 13's benchmark), and under
     TP 2L all-reduces of B Tq C numbers (chapter 13). Returns compute, communication, the number of
     all-reduces and their message bytes (what `CommStats` counts), and tokens_per_second =
     B new_tokens / (compute + communication). Within block_size only: past it the window slides and
@@ -159,7 +158,7 @@ def generation_time(
         Tq = (prompt if i == 0 else 1) if kv_cache else Tk
         blocks = L * (24 * B * Tq * C * C + 4 * B * Tq * Tk * C)
         head = 2 * B * Tq * C * V
-        compute += (blocks / p + head / (p if vocab_parallel else 1)) / F
+        compute += (blocks / p + head) / F
         if p > 1:
             one = ring_time(
                 "all_reduce", B * Tq * C * prec.activation, p, latency=link.latency, bandwidth=link.bandwidth
