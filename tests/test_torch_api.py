@@ -171,3 +171,38 @@ def test_two_d_mesh_step_equals_the_dense_gradients_on_the_whole_batch():
     assert sorted((r["dp"], r["tp"]) for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for r in results:
         assert r["grads"] < EXACT and r["loss"] < EXACT
+
+
+def sequence_parallel_model_on_tokens(group, T):
+    """One rank: PyTorch's sequence-parallel model fed T tokens; the error it raises, or None."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dense, x, _ = ch15.config_and_batch()
+    mesh = init_device_mesh("cpu", (group.world_size,), mesh_dim_names=("tp",))
+    model = btp.torch_tp_model(dense, mesh, vocab_parallel=True, sequence_parallel=True)
+    try:
+        model(x[:, :T])
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.slow
+def test_torch_sequence_parallel_model_refuses_tokens_p_does_not_divide():
+    """Every rank names T and p before the first all-gather (which would fail on one rank only)."""
+    errors = run_processes(sequence_parallel_model_on_tokens, 2, 7, backend="gloo", timeout=120, echo=False)
+    assert errors == ["T=7 is not divisible by p=2; p must divide T: try one of [1, 7]"] * 2
+    assert run_processes(sequence_parallel_model_on_tokens, 2, 8, backend="gloo", timeout=120, echo=False) == [None] * 2
+
+
+def test_torch_sequence_parallel_needs_the_vocabulary_parallel_plan():
+    dense, _, _ = ch15.config_and_batch()
+    with pytest.raises(ValueError, match="needs vocab_parallel=True"):
+        btp.torch_tp_model(dense, mesh=_OneRankMesh(), vocab_parallel=False, sequence_parallel=True)
+
+
+class _OneRankMesh:
+    """Just enough of a DeviceMesh for the checks torch_tp_model makes before it parallelizes."""
+
+    def size(self):
+        return 1

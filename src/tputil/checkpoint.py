@@ -206,8 +206,17 @@ def load_gpt2(directory, *, group=None, dtype=None, **options):
     config, source = open_gpt2(directory)
     if group is None:
         return dense_from_source(source, config, dtype=dtype)
+    return tp_from_source(source, config, group=group, dtype=dtype, **options)
+
+
+def tp_from_source(source: Source, config, *, group, dtype=None, **options) -> TPGPT:
+    """This rank's `TPGPT` (options: TPGPT's) from any `Source`, reading only its own slices.
+
+    The model is first built on the meta device (nothing drawn), which checks that p divides
+    n_head before a tensor is read, and gives the plan that names the slices.
+    """
     with torch.device("meta"):
-        model = TPGPT(config, group=group, **options)  # checks that p divides n_head, before any read
+        model = TPGPT(config, group=group, **options)
     state = read_state(source, group.rank, group.world_size, plan=model.plan)
     return TPGPT.from_shard_state_dict(state, config, group=group, dtype=dtype, **options).eval()
 

@@ -60,9 +60,7 @@ def checkpoint_config(args, world_size):
                 f"vocabulary of {config.vocab_size} ids cannot hold the 256 byte values: add GPT-2's tokenizer files"
             )
     else:
-        index = tc.read_index(args.load)
-        config = tc.GPTConfig(**index["config"])
-        tc.ShardedSource(args.load, index, config)  # every file there, every shape right
+        _, config, _ = tc.open_checkpoint(args.load)  # every file there, every shape right
     if world_size not in valid_degrees(config):
         raise ValueError(
             f"{flag} {directory}: n_head={config.n_head} cannot be split over p={world_size} processes: run with "

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, Source, dense_from_source, read_state
+from .checkpoint import CheckpointError, Source, dense_from_source, tp_from_source
 from .model import GPTConfig
 from .shard import (
     Replicate,
@@ -145,11 +145,18 @@ def read_index(directory) -> dict:
     return index
 
 
-def load_dense(directory, *, dtype=None):
-    """The dense GPT with the saved weights (each tensor gathered from the ranks' files): the reference."""
+def open_checkpoint(directory):
+    """(index, config, source) of a saved checkpoint: the index read, every file and shape checked
+    (`ShardedSource`), no tensor read; a `CheckpointError` naming the file otherwise."""
     index = read_index(directory)
     config = GPTConfig(**index["config"])
-    return dense_from_source(ShardedSource(directory, index, config), config, dtype=dtype)
+    return index, config, ShardedSource(directory, index, config)
+
+
+def load_dense(directory, *, dtype=None):
+    """The dense GPT with the saved weights (each tensor gathered from the ranks' files): the reference."""
+    _, config, source = open_checkpoint(directory)
+    return dense_from_source(source, config, dtype=dtype)
 
 
 def load(directory, *, group, dtype=None, **options) -> TPGPT:
@@ -158,11 +165,6 @@ def load(directory, *, group, dtype=None, **options) -> TPGPT:
     options: TPGPT's; by default the saving run's head (vocab_parallel, multiple). Everything is
     checked (index, every file, every shape, p) before a tensor is read; errors name the file.
     """
-    index = read_index(directory)
-    config = GPTConfig(**index["config"])
+    index, config, source = open_checkpoint(directory)
     options = {"vocab_parallel": index["vocab_parallel"], "multiple": index["multiple"], **options}
-    with torch.device("meta"):
-        model = TPGPT(config, group=group, **options)  # checks that p divides n_head, before any read
-    source = ShardedSource(directory, index, config)
-    state = read_state(source, group.rank, group.world_size, plan=model.plan)
-    return TPGPT.from_shard_state_dict(state, config, group=group, dtype=dtype, **options).eval()
+    return tp_from_source(source, config, group=group, dtype=dtype, **options)

@@ -114,12 +114,9 @@ def hf_rank(group, directory, idx, new_tokens=8, vocab_parallel=False, dtype=tor
     """This rank's GPT-2 from a Hugging Face directory, read slice by slice; logits, elements read, tokens."""
     config, source = ck.open_gpt2(directory)
     counting = CountingSource(source)
-    with torch.device("meta"):
-        plan = TPGPT(config, group=group, vocab_parallel=vocab_parallel).plan  # shapes only
-    state = ck.read_state(counting, group.rank, group.world_size, plan=plan)
-    model = TPGPT.from_shard_state_dict(state, config, group=group, dtype=dtype, vocab_parallel=vocab_parallel)
+    model = ck.tp_from_source(counting, config, group=group, dtype=dtype, vocab_parallel=vocab_parallel)
     with torch.no_grad():
-        logits = model.eval().gather_logits(model(idx)[0])
+        logits = model.gather_logits(model(idx)[0])
     return dict(logits=logits, elements_read=counting.elements, tokens=model.generate(idx, new_tokens))
 
 
