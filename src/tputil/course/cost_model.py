@@ -246,14 +246,20 @@ def step_collectives(config, scheme: str, *, B: int, T: int, p: int, precision="
     return out
 
 
+def layer_forward_flops(config, *, B: int, Tq: int, Tk: int | None = None) -> int:
+    """One layer's forward FLOPs for B sequences of Tq new tokens attending to Tk keys (Tk = Tq in
+    training): 24 B Tq C^2 (the four matrices, chapter 8) + 4 B Tq Tk C (scores and their weighted sum)."""
+    C = config.n_embd
+    return 24 * B * Tq * C * C + 4 * B * Tq * (Tq if Tk is None else Tk) * C
+
+
 def flops_per_step(config, *, B: int, T: int) -> float:
     """FLOPs of one training step of the whole model: 3 times the forward pass (backward does twice its work).
 
-    Forward per layer 24 B T C^2 (the four matrices, chapter 8) + 4 B T^2 C (scores and their
-    weighted sum), and the head 2 B T C V.
+    Forward per layer `layer_forward_flops`, and the head 2 B T C V.
     """
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
-    return 3 * (L * (24 * B * T * C * C + 4 * B * T * T * C) + 2 * B * T * C * V)
+    return 3 * (L * layer_forward_flops(config, B=B, Tq=T) + 2 * B * T * C * V)
 
 
 def step_time(config, scheme: str, *, B: int, T: int, p: int, precision, device: Device, link: Link) -> dict:
@@ -273,7 +279,7 @@ def step_time(config, scheme: str, *, B: int, T: int, p: int, precision, device:
     bubble = 0.0
     if scheme == "PP":
         C, L, V = config.n_embd, config.n_layer, config.vocab_size
-        stage = 3 * ((L // p) * (24 * B * T * C * C + 4 * B * T * T * C) + 2 * B * T * C * V)
+        stage = 3 * ((L // p) * layer_forward_flops(config, B=B, Tq=T) + 2 * B * T * C * V)
         compute = stage / F
         if p == 1:
             return {"compute": compute, "communication": 0.0, "bubble": 0.0}

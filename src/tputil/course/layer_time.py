@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from . import compare
 from .cost import ring_time
-from .cost_model import _check_fits, _check_scheme, _precision, layer_collectives
+from .cost_model import _check_fits, _check_scheme, _precision, layer_collectives, layer_forward_flops
 
 # What each scheme's per-layer communication can hide behind, as `layer_time` models it.
 OVERLAP = {
@@ -31,12 +31,6 @@ OVERLAP = {
     "before), the backward all-gather and reduce-scatter behind backward compute",
     "PP": "the stage boundary's sends can hide behind other micro-batches' compute; the bubble cannot",
 }
-
-
-def _layer_forward_flops(config, B: int, T: int) -> int:
-    """One layer's forward on B sequences of T tokens: 24 B T C^2 (four matrices) + 4 B T^2 C (scores, weighted sum)."""
-    C = config.n_embd
-    return 24 * B * T * C * C + 4 * B * T * T * C
 
 
 def layer_calls(config, scheme: str, *, B: int, T: int, p: int, precision="float32") -> dict:
@@ -84,7 +78,7 @@ def layer_time(config, scheme: str, *, B: int, T: int, p: int, precision, device
     prec = _precision(precision)
     _check_fits(config, scheme, B, p)
     split = 1 if scheme == "PP" else p
-    fwd = _layer_forward_flops(config, B, T) / split / device.flops[prec.name]
+    fwd = layer_forward_flops(config, B=B, Tq=T) / split / device.flops[prec.name]
     compute = {"forward": fwd, "backward": 2 * fwd}
     calls = layer_calls(config, scheme, B=B, T=T, p=p, precision=prec)
     messages = B * p / config.n_layer  # PP: m = B messages a boundary, over L/p layers
@@ -156,7 +150,7 @@ def generation_time(
     for i in range(new_tokens):
         Tk = prompt + i
         Tq = (prompt if i == 0 else 1) if kv_cache else Tk
-        blocks = L * (24 * B * Tq * C * C + 4 * B * Tq * Tk * C)
+        blocks = L * layer_forward_flops(config, B=B, Tq=Tq, Tk=Tk)
         head = 2 * B * Tq * C * V
         compute += (blocks / p + head) / F
         if p > 1:
